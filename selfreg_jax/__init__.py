@@ -1,0 +1,1 @@
+"""selfreg-jax: SelfReg-UNet (MICCAI 2024) in JAX/Flax."""
