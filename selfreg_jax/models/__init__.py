@@ -1,0 +1,34 @@
+"""Model registry: build a model from `config.model`."""
+
+import ml_collections
+
+from selfreg_jax.models.features import Features
+from selfreg_jax.models.swin_unet import SwinUNet
+from selfreg_jax.models.unet import UNet
+
+MODELS = {'unet': UNet, 'swin_unet': SwinUNet}
+
+__all__ = ['Features', 'MODELS', 'SwinUNet', 'UNet', 'create_model']
+
+
+def create_model(model_config: ml_collections.ConfigDict, **overrides):
+  """Builds the model named `model_config.name` from the rest of its fields.
+
+  Every other field of `model_config` is passed as a constructor argument;
+  `overrides` (e.g. dtype) take precedence.
+  """
+  kwargs = dict(model_config)
+  name = kwargs.pop('name', None)
+  if name not in MODELS:
+    raise ValueError(f'config.model.name={name!r} is not a known model; '
+                     f'choose one of {sorted(MODELS)}.')
+  kwargs.update(overrides)
+  for key, value in kwargs.items():
+    if isinstance(value, list):
+      kwargs[key] = tuple(value)
+  model_cls = MODELS[name]
+  unknown = set(kwargs) - set(model_cls.__dataclass_fields__)
+  if unknown:
+    raise ValueError(f'config.model has fields {sorted(unknown)} that '
+                     f'{model_cls.__name__} does not take.')
+  return model_cls(**kwargs)

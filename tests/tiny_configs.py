@@ -1,0 +1,38 @@
+"""Tiny model configurations shared by the tests (all sizes live here)."""
+
+import ml_collections
+
+# Image sizes every tiny model must handle (Swin: divisible by patch*2**3 and
+# every stage tileable by the window).
+IMAGE_SIZES = (32, 64)
+BATCH = 2
+NUM_CLASSES = 4
+
+
+def tiny_unet() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name='unet', num_classes=NUM_CLASSES, in_channels=1,
+      widths=(8, 16, 32, 64, 128)))
+
+
+def tiny_swin(image_size: int = IMAGE_SIZES[0]) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name='swin_unet', num_classes=NUM_CLASSES, in_channels=1,
+      image_size=image_size, patch_size=2, embed_dim=8, depths=(2, 2, 2, 2),
+      num_heads=(1, 2, 2, 4), window_size=4, drop_path_rate=0.1))
+
+
+def full_unet() -> ml_collections.ConfigDict:
+  """The paper's UNet: 1 input channel, 9 Synapse classes."""
+  return ml_collections.ConfigDict(dict(name='unet', num_classes=9,
+                                        in_channels=1))
+
+
+def full_swin() -> ml_collections.ConfigDict:
+  """The paper's Swin-UNet (tiny setting) at 224, 9 Synapse classes."""
+  return ml_collections.ConfigDict(dict(name='swin_unet', num_classes=9,
+                                        image_size=224))
+
+# Parameter counts of the PyTorch reference models (DESIGN.md section 1).
+FULL_UNET_PARAMS = 17_262_345
+FULL_SWIN_PARAMS = 27_168_900
