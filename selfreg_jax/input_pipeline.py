@@ -1,0 +1,354 @@
+"""Grain input pipeline over the data sets built by `data_prep.build`.
+
+Data sets are TFDS ArrayRecord folders of native-resolution 2D slices (see
+`data_prep/builders.py`); they are read through TFDS's random-access data
+source, so no TensorFlow is imported.
+
+Training (`create_train_loader`): each process reads its own strided shard of
+the training split, shuffled afresh every epoch, repeated forever; every slice
+is (optionally) augmented as in DESIGN.md section 3 and resized to
+`image_size`, then slices are batched. Randomness comes from grain's
+per-record generators, so the stream depends only on the seed and the
+process index (not on the number of worker processes) and the iterator's
+state (`get_state()` / `set_state()`) resumes it exactly.
+
+Evaluation (`iterate_cases`): whole cases rebuilt from their slices.
+"""
+
+import dataclasses
+import pathlib
+import re
+from typing import Any, Iterator, Mapping, Sequence
+
+from absl import flags
+import grain
+import jax
+import ml_collections
+import numpy as np
+from scipy import ndimage
+import tensorflow_datasets as tfds
+
+# Probability of each augmentation branch (DESIGN.md section 3).
+_ROT_FLIP_PROBABILITY = 0.5
+_ROTATE_PROBABILITY = 0.5
+_MAX_ROTATION_DEGREES = 20
+_VERSION_DIR = re.compile(r'^\d+\.\d+\.\d+$')
+# Records read at once while indexing a split by case.
+_INDEX_CHUNK = 256
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Case:
+  """A whole case at native resolution.
+
+  Attributes:
+    case_id: identifier of the case (patient, volume or 2D image).
+    image: (D, H, W, C) float32; uint8 RGB scaled to [0, 1].
+    label: (D, H, W) uint8 class ids.
+    spacing: (z, y, x) voxel size in mm ((1, 1, 1) when unknown).
+  """
+  case_id: str
+  image: np.ndarray
+  label: np.ndarray
+  spacing: tuple[float, float, float]
+
+
+# ----------------------------------------------------------------------------
+# Opening a built data set.
+
+
+def open_dataset(
+    name: str, data_dir: str | pathlib.Path | None
+) -> tfds.core.DatasetBuilder:
+  """Opens the built data set `name` (e.g. 'selfreg_synapse') for reading.
+
+  Args:
+    name: TFDS name of the data set.
+    data_dir: TFDS data directory; None or '' for $TFDS_DATA_DIR or
+      ~/tensorflow_datasets.
+
+  Raises:
+    FileNotFoundError: the data set is not built there (names the command
+      that builds it).
+  """
+  data_dir = pathlib.Path(data_dir or tfds.core.constants.DATA_DIR).expanduser()
+  dataset_root = data_dir / name
+  built = [
+      p for p in dataset_root.glob('*/dataset_info.json')
+      if _VERSION_DIR.match(p.parent.name)
+  ]
+  if not built:
+    short_name = name.removeprefix('selfreg_')
+    src = '' if short_name == 'demo' else ' --src DOWNLOADED_FOLDER'
+    raise FileNotFoundError(
+        f'{dataset_root}: data set {name!r} is not built. Build it with:\n'
+        f'  python -m data_prep.build {short_name}{src} --out {data_dir}')
+  return tfds.builder(name, data_dir=str(data_dir))
+
+
+def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
+  if split not in builder.info.splits:
+    raise ValueError(f'{builder.data_dir}: no split {split!r}; available: '
+                     f'{sorted(builder.info.splits)}.')
+
+
+def dataset_properties(builder: tfds.core.DatasetBuilder) -> dict[str, int]:
+  """Channels and classes of a built data set (from its features/metadata)."""
+  try:
+    num_classes = int(builder.info.metadata['num_classes'])
+  except (KeyError, TypeError) as e:
+    raise ValueError(f'{builder.data_dir}/metadata.json: no num_classes; was '
+                     'this data set built by data_prep.build?') from e
+  return {
+      'in_channels': int(builder.info.features['image'].shape[-1]),
+      'num_classes': num_classes,
+  }
+
+
+def check_matches_config(builder: tfds.core.DatasetBuilder,
+                         dataset_config: ml_collections.ConfigDict) -> None:
+  """Checks channels and classes against config.dataset.
+
+  Raises:
+    ValueError: they differ from dataset_config.in_channels / num_classes.
+  """
+  found = dataset_properties(builder)
+  expected = {key: int(dataset_config[key]) for key in found}
+  if found != expected:
+    raise ValueError(
+        f'{builder.data_dir}: data set has {found} but config.dataset asks '
+        f'for {expected}.')
+
+
+# ----------------------------------------------------------------------------
+# Per-slice transforms (NumPy / SciPy; run in grain workers).
+
+
+def to_float_image(image: np.ndarray) -> np.ndarray:
+  """uint8 images scaled to float32 [0, 1]; float images as float32."""
+  if image.dtype == np.uint8:
+    return image.astype(np.float32) / 255.0
+  return image.astype(np.float32, copy=False)
+
+
+def augment_slice(image: np.ndarray, label: np.ndarray,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """Random rot90+flip, else maybe a small rotation (DESIGN.md section 3).
+
+  With p=0.5: rot90 by k in 0..3 and a flip on a random axis; otherwise with
+  p=0.5: rotation by an integer angle in [-20, 20) degrees about the centre,
+  nearest neighbour for image and label, same shape. Both arrays move
+  together.
+
+  Args:
+    image: (H, W, C) float32.
+    label: (H, W) integer class ids.
+    rng: generator for this slice.
+
+  Returns:
+    (image, label), contiguous; (W, H, ...) after an odd rot90.
+  """
+  if rng.random() < _ROT_FLIP_PROBABILITY:
+    k = int(rng.integers(4))
+    axis = int(rng.integers(2))
+    image = np.flip(np.rot90(image, k, axes=(0, 1)), axis)
+    label = np.flip(np.rot90(label, k, axes=(0, 1)), axis)
+  elif rng.random() < _ROTATE_PROBABILITY:
+    angle = int(rng.integers(-_MAX_ROTATION_DEGREES, _MAX_ROTATION_DEGREES))
+    image = ndimage.rotate(image, angle, axes=(1, 0), order=0, reshape=False)
+    label = ndimage.rotate(label, angle, axes=(1, 0), order=0, reshape=False)
+  return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def resize_slice(image: np.ndarray, label: np.ndarray,
+                 size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Resizes to (size, size): cubic spline per image channel, nearest label.
+
+  Args:
+    image: (H, W, C) float32.
+    label: (H, W) integer class ids.
+    size: output height and width in pixels.
+
+  Returns:
+    image (size, size, C) float32 and label (size, size), label's dtype.
+  """
+  height, width = label.shape
+  if (height, width) == (size, size):
+    return image, label
+  zoom = (size / height, size / width)
+  image = np.stack([
+      ndimage.zoom(image[..., c], zoom, order=3)
+      for c in range(image.shape[-1])
+  ], axis=-1)
+  return image, ndimage.zoom(label, zoom, order=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSliceTransform(grain.transforms.RandomMap):
+  """Record -> {'image': (S, S, C) float32, 'label': (S, S) int32}."""
+  image_size: int
+  augment: bool
+
+  def random_map(self, element: Mapping[str, Any],
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    image = to_float_image(element['image'])
+    label = element['label']
+    if self.augment:
+      image, label = augment_slice(image, label, rng)
+    image, label = resize_slice(image, label, self.image_size)
+    return {'image': image, 'label': label.astype(np.int32)}
+
+
+# ----------------------------------------------------------------------------
+# Training stream.
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """Lets grain's worker processes read their absl flags outside absl apps.
+
+  Grain's multiprocessing reads absl flags, which raise until parsed; an
+  absl app parses them in `app.run`, other programs (tests, notebooks) keep
+  the defaults.
+  """
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def train_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
+                  image_size: int, augment: bool, seed: int,
+                  process_index: int = 0, process_count: int = 1,
+                  num_workers: int = 0) -> grain.IterDataset:
+  """The infinite, shuffled, batched training stream of one process.
+
+  Args:
+    source: random-access records ({'image': (H, W, C), 'label': (H, W),
+      ...}), e.g. a TFDS data source.
+    batch_size: slices per batch of this process.
+    image_size: output height and width S.
+    augment: apply `augment_slice` before resizing.
+    seed: non-negative seed of shuffling and augmentation.
+    process_index, process_count: this process reads records
+      process_index, process_index + process_count, ...
+    num_workers: grain worker processes (0: transform in this process).
+
+  Returns:
+    An IterDataset of {'image': (batch_size, S, S, C) float32,
+    'label': (batch_size, S, S) int32}.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in '
+                     f'[0, process_count={process_count}).')
+  if len(source) < process_count:
+    raise ValueError(f'{len(source)} records cannot be shared by '
+                     f'{process_count} processes.')
+  if seed < 0:
+    raise ValueError(f'seed must be non-negative, got {seed}.')
+  shuffle_seed, augment_seed = np.random.SeedSequence(
+      [seed, process_index]).generate_state(2)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = ds.shuffle(seed=int(shuffle_seed)).repeat()
+  ds = ds.random_map(TrainSliceTransform(image_size, augment),
+                     seed=int(augment_seed))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  # SciPy holds the GIL, so one prefetch thread per process suffices.
+  ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+  if num_workers > 0:
+    _ensure_absl_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return ds
+
+
+def create_train_loader(config: ml_collections.ConfigDict, *,
+                        process_index: int | None = None,
+                        process_count: int | None = None
+                        ) -> grain.DatasetIterator:
+  """Iterator over this process's training batches.
+
+  Reads config.seed, config.batch_size (global) and config.dataset.{name,
+  data_dir, image_size, train_split, num_workers, augment, in_channels,
+  num_classes}.
+
+  Args:
+    config: experiment config.
+    process_index, process_count: default jax.process_index() and
+      jax.process_count().
+
+  Returns:
+    A checkpointable grain iterator of {'image': (b, S, S, C) float32,
+    'label': (b, S, S) int32}, b = config.batch_size // process_count,
+    S = config.dataset.image_size. Its `get_state()` is a JSON-able dict that
+    `set_state()` of a loader with the same config and process layout
+    resumes from; with num_workers > 0, `close()` it when done.
+  """
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if config.batch_size % process_count:
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible '
+                     f'by the {process_count} processes.')
+  builder = open_dataset(config.dataset.name, config.dataset.data_dir)
+  check_matches_config(builder, config.dataset)
+  _check_split(builder, config.dataset.train_split)
+  dataset = train_dataset(
+      builder.as_data_source(config.dataset.train_split),
+      batch_size=config.batch_size // process_count,
+      image_size=config.dataset.image_size,
+      augment=config.dataset.augment,
+      seed=config.seed,
+      process_index=process_index,
+      process_count=process_count,
+      num_workers=config.dataset.num_workers)
+  return iter(dataset)
+
+
+# ----------------------------------------------------------------------------
+# Whole cases for evaluation.
+
+
+def _case_slices(builder: tfds.core.DatasetBuilder,
+                 split: str) -> dict[str, list[tuple[int, int]]]:
+  """case_id -> sorted [(slice_index, record index)] of a split."""
+  skip = tfds.decode.SkipDecoding()
+  index_source = builder.as_data_source(
+      split, decoders={'image': skip, 'label': skip})
+  slices = {}
+  for start in range(0, len(index_source), _INDEX_CHUNK):
+    indices = range(start, min(start + _INDEX_CHUNK, len(index_source)))
+    for index, record in zip(indices, index_source.__getitems__(indices)):
+      case_id = record['case_id']
+      if isinstance(case_id, bytes):
+        case_id = case_id.decode()
+      slices.setdefault(case_id, []).append(
+          (int(record['slice_index']), index))
+  for case_id, entries in slices.items():
+    entries.sort()
+    slice_indices = [slice_index for slice_index, _ in entries]
+    if len(set(slice_indices)) != len(slice_indices):
+      raise ValueError(f'{builder.data_dir}: split {split!r} holds case '
+                       f'{case_id!r} with repeated slice indices.')
+  return slices
+
+
+def iterate_cases(config: ml_collections.ConfigDict,
+                  split: str) -> Iterator[Case]:
+  """Yields the cases of `split`, sorted by case_id, at native resolution.
+
+  Slices are stacked in slice_index order; 2D data sets give D = 1.
+  Reads config.dataset.{name, data_dir}.
+  """
+  builder = open_dataset(config.dataset.name, config.dataset.data_dir)
+  _check_split(builder, split)
+  source = builder.as_data_source(split)
+  for case_id, entries in sorted(_case_slices(builder, split).items()):
+    records = source.__getitems__([index for _, index in entries])
+    shapes = {r['label'].shape for r in records}
+    if len(shapes) != 1:
+      raise ValueError(f'{builder.data_dir}: slices of case {case_id!r} in '
+                       f'split {split!r} differ in shape: {sorted(shapes)}.')
+    yield Case(
+        case_id=case_id,
+        image=np.stack([to_float_image(r['image']) for r in records]),
+        label=np.stack([r['label'] for r in records]),
+        spacing=tuple(float(s) for s in records[0]['spacing']))
