@@ -1,0 +1,468 @@
+"""Evaluation on whole cases: metrics, summary, table and optional files.
+
+Protocol (DESIGN.md section 4):
+* volumetric sets (Synapse, ACDC, demo): each slice is predicted at
+  `config.dataset.image_size` and the class map resized back to the native
+  slice size (see `inference.predict_volume`); Dice, Jaccard, HD95 and ASSD
+  of every foreground class on the whole volume. In 'paper' mode distances are
+  in voxels (the reference test code passes no spacing); in 'standard' mode
+  they are in mm, from the case's (z, y, x) spacing.
+* 2D sets (GlaS, MoNuSeg): each image and its label are resized to
+  `image_size` and compared there (Dice and IoU = Jaccard per image; HD95 and
+  ASSD in pixels at that size are reported too).
+Per-class means are taken over cases, the overall mean over classes
+(`metrics.aggregate`).
+
+Files written to `out_dir` (by process 0 only; each written to a temporary
+name, then renamed):
+  metrics_per_case.csv  one row per case and foreground class:
+                        case_id, class_id, class_name, dice, jaccard, hd95,
+                        assd (NaN written as 'nan')
+  summary.json          the summary dict (NaN as null) without the table
+  table.txt             the table of `format_table`
+  predictions/<case_id>.nii.gz   with config.eval.save_predictions, volumetric
+      sets only: uint8 class ids, array axes (x, y, z) = the case's (W, H, D)
+      axes reversed, affine diag(x, y, z spacing in mm, 1) with origin 0 (the
+      built data sets keep no scanner orientation)
+  overlays/<case_id>.png   for case ids in config.eval.overlay_cases: the
+      slice with the most labelled pixels as [image | truth | prediction],
+      class-coloured contours over the image
+"""
+
+import collections
+from concurrent import futures
+import csv
+import dataclasses
+import gzip
+import io
+import itertools
+import json
+import math
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any, Iterable, Iterator, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import nibabel as nib
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from data_prep import sources
+from selfreg_jax import checkpoints
+from selfreg_jax import inference
+from selfreg_jax import input_pipeline
+from selfreg_jax import metrics
+from selfreg_jax import visualize
+from selfreg_jax.models import create_model
+
+METRICS_FILE = 'metrics_per_case.csv'
+SUMMARY_FILE = 'summary.json'
+TABLE_FILE = 'table.txt'
+PREDICTIONS_DIR = 'predictions'
+OVERLAYS_DIR = 'overlays'
+EVAL_DIR = 'eval'
+# Log progress of 2D sets every this many images.
+_LOG_EVERY_IMAGES = 50
+# Cases whose metrics may wait at once (bounds the memory they hold).
+_MAX_PENDING_CASES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictedCase:
+  """A case's prediction next to its truth, on one grid.
+
+  Attributes:
+    case_id: identifier of the case.
+    image: (D, H', W', C) float32 input at native size (only for overlays).
+    prediction: (D, H, W) uint8 class ids.
+    truth: (D, H, W) uint8 class ids.
+    spacing: (z, y, x) voxel size of the (D, H, W) grid in mm.
+  """
+  case_id: str
+  image: np.ndarray
+  prediction: np.ndarray
+  truth: np.ndarray
+  spacing: tuple[float, float, float]
+
+
+def class_names(dataset_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Names of the foreground classes 1..C-1 of a data set.
+
+  Taken from the source module's CLASS_NAMES when it has them, else
+  ('foreground',) for binary sets and ('class_1', ...) otherwise.
+  """
+  num_classes = dataset_config.num_classes
+  short_name = dataset_config.name.removeprefix('selfreg_')
+  names = None
+  if short_name in sources.SOURCE_MODULES:
+    names = getattr(sources.load_source(short_name), 'CLASS_NAMES', None)
+  if names is not None and len(names) == num_classes:
+    return tuple(names[1:])
+  if num_classes == 2:
+    return ('foreground',)
+  return tuple(f'class_{k}' for k in range(1, num_classes))
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError if the model, data set or metric mode do not fit."""
+  dataset, model = config.dataset, config.model
+  if config.eval.metric_mode not in metrics.MODES:
+    raise ValueError(f'config.eval.metric_mode={config.eval.metric_mode!r}: '
+                     f'choose one of {metrics.MODES}.')
+  outputs = (dataset.num_classes,) + ((1,) if dataset.num_classes == 2 else ())
+  if model.num_classes not in outputs:
+    raise ValueError(
+        f'config.model.num_classes={model.num_classes} does not fit '
+        f'config.dataset.num_classes={dataset.num_classes} (expected one of '
+        f'{outputs}).')
+  if model.in_channels != dataset.in_channels:
+    raise ValueError(
+        f'config.model.in_channels={model.in_channels} differs from '
+        f'config.dataset.in_channels={dataset.in_channels}.')
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+  iterator = iter(items)
+  while chunk := list(itertools.islice(iterator, size)):
+    yield chunk
+
+
+def _predict_cases(config: ml_collections.ConfigDict, predict_fn,
+                   variables: Any, cases: Iterable[input_pipeline.Case],
+                   batch_size: int) -> Iterator[PredictedCase]:
+  """Predicts every case on the grid its metrics are computed on."""
+  image_size = config.dataset.image_size
+  if config.dataset.volumetric:
+    for case in cases:
+      prediction = inference.predict_volume(predict_fn, variables, case.image,
+                                            image_size, batch_size)
+      yield PredictedCase(case.case_id, case.image, prediction, case.label,
+                          case.spacing)
+    return
+  for chunk in _batched(cases, batch_size):
+    for case in chunk:
+      if len(case.image) != 1:
+        raise ValueError(
+            f'Case {case.case_id!r} of a 2D data set has {len(case.image)} '
+            'slices; expected 1 (is config.dataset.volumetric right?).')
+    predictions, labels = inference.predict_images(
+        predict_fn, variables, [case.image[0] for case in chunk],
+        [case.label[0] for case in chunk], image_size, batch_size)
+    for case, prediction, label in zip(chunk, predictions, labels):
+      yield PredictedCase(case.case_id, case.image, prediction[None],
+                          label[None], (1.0, 1.0, 1.0))
+
+
+def evaluate_cases(config: ml_collections.ConfigDict, model, variables: Any,
+                   cases: Iterable[input_pipeline.Case], *,
+                   mesh: jax.sharding.Mesh, split: str = '',
+                   out_dir: str | pathlib.Path | None = None,
+                   step: int | None = None) -> dict[str, Any]:
+  """Predicts and scores `cases`; see `evaluate_split`."""
+  _check_config(config)
+  mode = config.eval.metric_mode
+  volumetric = config.dataset.volumetric
+  num_classes = config.dataset.num_classes
+  names = class_names(config.dataset)
+  predict_fn = inference.make_predict_fn(model, mesh)
+  variables = inference.replicate(variables, mesh)
+  batch_size = inference.round_up_batch_size(config.eval.batch_size, mesh)
+  writes = out_dir is not None and jax.process_index() == 0
+  out_dir = pathlib.Path(out_dir) if out_dir is not None else None
+  overlay_ids = {str(case_id) for case_id in config.eval.overlay_cases}
+
+  start = time.time()
+  case_ids, case_metrics, num_slices = [], [], 0
+  pending = collections.deque()
+
+  def collect_oldest():
+    case_id, case_slices, future = pending.popleft()
+    case_ids.append(case_id)
+    case_metrics.append(future.result())
+    if volumetric:
+      logging.info('%s case %s: %d slices, mean Dice %.4f (%.1f s so far)',
+                   split, case_id, case_slices,
+                   np.nanmean(case_metrics[-1].values['dice']),
+                   time.time() - start)
+    elif len(case_ids) % _LOG_EVERY_IMAGES == 0:
+      logging.info('%s: %d images evaluated (%.1f s)', split, len(case_ids),
+                   time.time() - start)
+
+  # Metrics run in a thread (SciPy's k-d tree queries release the GIL) while
+  # the next case is read, resized and predicted.
+  with futures.ThreadPoolExecutor(max_workers=1) as pool:
+    for case in _predict_cases(config, predict_fn, variables, cases,
+                               batch_size):
+      spacing = case.spacing if mode == 'standard' else None
+      pending.append((case.case_id, len(case.prediction), pool.submit(
+          metrics.multiclass_metrics, case.prediction, case.truth,
+          num_classes, spacing, mode)))
+      num_slices += len(case.prediction)
+      if writes and volumetric and config.eval.save_predictions:
+        _write_nifti(out_dir / PREDICTIONS_DIR / f'{case.case_id}.nii.gz',
+                     case.prediction, case.spacing)
+      if writes and case.case_id in overlay_ids:
+        _write_png(out_dir / OVERLAYS_DIR / f'{case.case_id}.png',
+                   render_overlay(case, num_classes))
+      if len(pending) > _MAX_PENDING_CASES:
+        collect_oldest()
+    while pending:
+      collect_oldest()
+  if not case_metrics:
+    raise ValueError(f'Split {split!r} of {config.dataset.name} has no cases.')
+  seconds = time.time() - start
+
+  summary = _summary(metrics.aggregate(case_metrics), names)
+  summary.update(
+      split=split, step=step, volumetric=volumetric,
+      image_size=config.dataset.image_size,
+      distance_unit=_distance_unit(volumetric, mode), num_slices=num_slices,
+      seconds=seconds, slices_per_second=num_slices / seconds)
+  table = format_table(summary)
+  logging.info('Evaluation of %s:\n%s', split, table)
+  if writes:
+    _write_text(out_dir / METRICS_FILE,
+                _per_case_csv(case_ids, case_metrics, names))
+    _write_text(out_dir / SUMMARY_FILE,
+                json.dumps(_json_safe(summary), indent=2) + '\n')
+    _write_text(out_dir / TABLE_FILE, table + '\n')
+  summary['table'] = table
+  return summary
+
+
+def evaluate_split(config: ml_collections.ConfigDict, model, variables: Any,
+                   split: str, *, mesh: jax.sharding.Mesh,
+                   out_dir: str | pathlib.Path | None = None,
+                   step: int | None = None) -> dict[str, Any]:
+  """Evaluates `model` on every case of a split of the built data set.
+
+  Args:
+    config: experiment config (reads dataset.*, model.num_classes,
+      model.in_channels and eval.*).
+    model: the Flax model; `variables` its variables.
+    split: split name of the built data set (e.g. 'validation', 'test').
+    mesh: a mesh with one axis 'data'; batches of config.eval.batch_size
+      (rounded up to a multiple of the device count) are split over it.
+    out_dir: folder for the files listed in the module docstring; None
+      writes nothing (validation during training).
+    step: training step of `variables`, recorded in the summary.
+
+  Returns:
+    A summary dict: mean_dice, mean_jaccard, mean_hd95, mean_assd (floats;
+    NaN only if every entry of a metric was NaN, standard mode), per_class
+    and excluded ({metric: {class name: value / count of NaN cases left
+    out}}), class_names, num_cases, num_slices, mode, distance_unit
+    ('voxel', 'mm' or 'pixel'), split, step, volumetric, image_size,
+    seconds, slices_per_second and table (the text of `format_table`).
+  """
+  builder = input_pipeline.open_dataset(config.dataset.name,
+                                        config.dataset.data_dir)
+  input_pipeline.check_matches_config(builder, config.dataset)
+  return evaluate_cases(config, model, variables,
+                        input_pipeline.iterate_cases(config, split),
+                        mesh=mesh, split=split, out_dir=out_dir, step=step)
+
+
+def make_data_mesh() -> jax.sharding.Mesh:
+  """A mesh over all devices with the one axis 'data'."""
+  return jax.make_mesh((jax.device_count(),), (inference.DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def abstract_variables(config: ml_collections.ConfigDict, model,
+                       mesh: jax.sharding.Mesh) -> Any:
+  """Shapes, dtypes and (replicated) shardings of the model's variables."""
+  size, channels = config.dataset.image_size, config.dataset.in_channels
+  shapes = jax.eval_shape(
+      lambda key: model.init(key, jnp.zeros((1, size, size, channels)),
+                             train=False), jax.random.key(0))
+  replicated = inference.replicated_sharding(mesh)
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+      shapes)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict,
+                        workdir: str | pathlib.Path, *,
+                        split: str | None = None,
+                        which: str | int | None = None) -> dict[str, Any]:
+  """Evaluates a checkpoint of `workdir` on a split and writes the results.
+
+  Args:
+    config: experiment config; the model is `create_model(config.model,
+      dtype=config.dtype)`.
+    workdir: run folder holding `checkpoints/`.
+    split: split to evaluate; default config.eval.split.
+    which: 'best', 'latest' or a step; default config.eval.checkpoint.
+
+  Returns:
+    The summary of `evaluate_split` (plus 'checkpoint': `which`); files go
+    to `workdir/eval/<split>_step<N>/`.
+  """
+  split = split or config.eval.split
+  which = str(config.eval.checkpoint if which is None else which)
+  model = create_model(config.model, dtype=jnp.dtype(config.dtype))
+  mesh = make_data_mesh()
+  variables, step = checkpoints.restore_variables(
+      workdir, abstract_variables(config, model, mesh), which)
+  out_dir = pathlib.Path(workdir) / EVAL_DIR / f'{split}_step{step}'
+  logging.info('Evaluating checkpoint %s (step %d) of %s on split %r into %s',
+               which, step, workdir, split, out_dir)
+  summary = evaluate_split(config, model, variables, split, mesh=mesh,
+                           out_dir=out_dir, step=step)
+  summary['checkpoint'] = which
+  return summary
+
+
+# ----------------------------------------------------------------------------
+# Summary and table.
+
+
+def _distance_unit(volumetric: bool, mode: str) -> str:
+  if not volumetric:
+    return 'pixel'
+  return 'mm' if mode == 'standard' else 'voxel'
+
+
+def _summary(aggregated: metrics.MetricSummary,
+             names: Sequence[str]) -> dict[str, Any]:
+  summary = {f'mean_{name}': float(aggregated.mean[name])
+             for name in metrics.METRIC_NAMES}
+  summary.update(
+      mode=aggregated.mode,
+      num_cases=aggregated.num_cases,
+      class_names=list(names),
+      per_class={name: dict(zip(names, map(float, values)))
+                 for name, values in aggregated.per_class.items()},
+      excluded={name: dict(zip(names, map(int, counts)))
+                for name, counts in aggregated.excluded.items()})
+  return summary
+
+
+def format_table(summary: dict[str, Any]) -> str:
+  """Per-class and mean scores, like the paper's tables.
+
+  Volumetric sets: Dice (%) and HD95; 2D sets: Dice (%) and IoU (%). In
+  standard mode a last column counts the cases left out of HD95 (NaN).
+  """
+  if summary['volumetric']:
+    columns = (('Dice (%)', 'dice', 100.0),
+               (f"HD95 ({summary['distance_unit']})", 'hd95', 1.0))
+  else:
+    columns = (('Dice (%)', 'dice', 100.0), ('IoU (%)', 'jaccard', 100.0))
+  show_excluded = summary['mode'] == 'standard'
+  names = summary['class_names']
+  width = max(len(n) for n in names + ['class'])
+  header = f"{'class':<{width}}" + ''.join(f'  {t:>10}' for t, _, _ in columns)
+  if show_excluded:
+    header += '  excl. HD95'
+  lines = [
+      f"split {summary['split']!r}"
+      + ('' if summary['step'] is None else f", step {summary['step']}")
+      + f", {summary['num_cases']} cases, {summary['mode']} mode", header]
+  for name in names:
+    row = f'{name:<{width}}' + ''.join(
+        f"  {scale * summary['per_class'][key][name]:>10.2f}"
+        for _, key, scale in columns)
+    if show_excluded:
+      row += f"  {summary['excluded']['hd95'][name]:>10d}"
+    lines.append(row)
+  lines.append(f"{'mean':<{width}}" + ''.join(
+      f"  {scale * summary['mean_' + key]:>10.2f}"
+      for _, key, scale in columns))
+  return '\n'.join(lines)
+
+
+def _per_case_csv(case_ids: Sequence[str],
+                  case_metrics: Sequence[metrics.CaseMetrics],
+                  names: Sequence[str]) -> str:
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator='\n')
+  writer.writerow(('case_id', 'class_id', 'class_name') + metrics.METRIC_NAMES)
+  for case_id, result in zip(case_ids, case_metrics):
+    for k, name in enumerate(names):
+      writer.writerow([case_id, k + 1, name] + [
+          repr(float(result.values[m][k])) for m in metrics.METRIC_NAMES])
+  return buffer.getvalue()
+
+
+def _json_safe(value: Any) -> Any:
+  """`value` with NaN floats replaced by None (JSON has no NaN)."""
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  if isinstance(value, float) and math.isnan(value):
+    return None
+  return value
+
+
+# ----------------------------------------------------------------------------
+# Images and files.
+
+
+def _contours(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """(H, W) class ids -> (H, W) ids on each class's boundary, 0 elsewhere."""
+  edges = np.zeros_like(labels)
+  for k in range(1, num_classes):
+    mask = labels == k
+    edges[mask & ~ndimage.binary_erosion(mask)] = k
+  return edges
+
+
+def render_overlay(case: PredictedCase, num_classes: int) -> np.ndarray:
+  """[image | truth contours | prediction contours], (H, 3W, 3) uint8.
+
+  Shows the slice with the most labelled (truth or predicted) pixels, the
+  image resized to the label grid; contours take the class colours of
+  `visualize.PALETTE`.
+  """
+  labelled = ((case.truth > 0) | (case.prediction > 0)).sum(axis=(1, 2))
+  index = int(np.argmax(labelled))
+  image = inference.resize_image(case.image[index], case.truth.shape[1:])
+  rgb = visualize.to_rgb(image)
+  panels = [rgb]
+  for labels in (case.truth[index], case.prediction[index]):
+    edges = _contours(labels, num_classes)
+    colours = visualize.PALETTE[edges % len(visualize.PALETTE)]
+    panels.append(np.where((edges > 0)[..., None], colours, rgb))
+  return np.round(np.concatenate(panels, axis=1) * 255).astype(np.uint8)
+
+
+def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+  """Writes `data` to a temporary file beside `path`, then renames it."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
+  try:
+    with os.fdopen(handle, 'wb') as f:
+      f.write(data)
+    os.replace(temporary, path)
+  except BaseException:
+    os.unlink(temporary)
+    raise
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+  _write_atomic(path, text.encode())
+
+
+def _write_png(path: pathlib.Path, rgb: np.ndarray) -> None:
+  buffer = io.BytesIO()
+  Image.fromarray(rgb).save(buffer, format='PNG')
+  _write_atomic(path, buffer.getvalue())
+
+
+def _write_nifti(path: pathlib.Path, prediction: np.ndarray,
+                 spacing: Sequence[float]) -> None:
+  """(D, H, W) class ids with (z, y, x) spacing -> gzipped NIfTI-1."""
+  z, y, x = (float(s) for s in spacing)
+  image = nib.Nifti1Image(np.transpose(prediction, (2, 1, 0)),
+                          affine=np.diag([x, y, z, 1.0]))
+  image.header.set_xyzt_units('mm')
+  _write_atomic(path, gzip.compress(image.to_bytes()))

@@ -1,0 +1,280 @@
+"""Tests of selfreg_jax.evaluate on tiny models, constructed cases and a
+tiny built demo data set (CPU)."""
+
+import csv
+import json
+import math
+
+import jax
+import nibabel as nib
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import base
+from data_prep import build
+from data_prep import demo
+from selfreg_jax import checkpoints
+from selfreg_jax import evaluate
+from selfreg_jax import inference
+from selfreg_jax import input_pipeline
+from selfreg_jax import metrics
+from selfreg_jax.models import create_model
+from test_inference import BATCH_SIZE
+from test_inference import IMAGE_SIZE
+from test_inference import make_mesh
+from test_inference import numpy_variables
+from test_inference import predicting_constant
+from test_inference import tiny_unet
+
+# Constructed volumetric cases: (case_id, (D, H, W), spacing (z, y, x)).
+CASES = (('case_a', (3, 21, 30), (2.5, 0.7, 0.7)),
+         ('case_b', (2, 27, 19), (3.0, 0.8, 0.8)))
+# Constructed 2D images (H, W).
+IMAGES_2D = ((40, 50), (29, 33), (64, 48))
+# Options of the smallest useful demo build.
+DEMO_OPTIONS = dict(num_train_cases=1, num_validation_cases=1,
+                    num_test_cases=2, min_slices=2, max_slices=3, min_size=20,
+                    max_size=27)
+CHECKPOINT_STEP = 7
+
+
+def _config(dataset: str = 'demo', metric_mode: str = 'paper'):
+  config = base.get_config(dataset, 'unet')
+  config.dataset.image_size = IMAGE_SIZE
+  config.model = tiny_unet(config.model.num_classes,
+                           config.dataset.in_channels)
+  config.eval.batch_size = BATCH_SIZE
+  config.eval.metric_mode = metric_mode
+  return config
+
+
+def _blob_labels(shape, num_classes: int, seed: int) -> np.ndarray:
+  """(D, H, W) uint8 labels: one box per class 1..num_classes-1, class
+  num_classes-1 absent (to exercise empty truth)."""
+  rng = np.random.default_rng(seed)
+  labels = np.zeros(shape, np.uint8)
+  for k in range(1, num_classes - 1):
+    corner = [int(rng.integers(0, n // 2)) for n in shape[1:]]
+    size = [max(2, n // 3) for n in shape[1:]]
+    labels[:, corner[0]:corner[0] + size[0],
+           corner[1]:corner[1] + size[1]] = k
+  return labels
+
+
+def _volume_cases(num_classes: int, channels: int = 1):
+  rng = np.random.default_rng(0)
+  return [
+      input_pipeline.Case(
+          case_id, rng.random(shape + (channels,), dtype=np.float32),
+          _blob_labels(shape, num_classes, seed), spacing)
+      for seed, (case_id, shape, spacing) in enumerate(CASES)
+  ]
+
+
+def _read_csv(path):
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope='module')
+def demo_model():
+  config = _config()
+  model = create_model(config.model)
+  return model, numpy_variables(model, IMAGE_SIZE, 1)
+
+
+def test_class_names_come_from_the_sources():
+  assert evaluate.class_names(base.dataset_config('synapse')) == (
+      'aorta', 'gallbladder', 'left kidney', 'right kidney', 'liver',
+      'pancreas', 'spleen', 'stomach')
+  assert evaluate.class_names(base.dataset_config('acdc')) == (
+      'right ventricle', 'myocardium', 'left ventricle')
+  assert evaluate.class_names(base.dataset_config('glas')) == ('foreground',)
+  assert evaluate.class_names(base.dataset_config('demo')) == (
+      demo.CLASS_NAMES[1:])
+  unknown = base.dataset_config('demo')
+  unknown.name = 'selfreg_elsewhere'
+  assert evaluate.class_names(unknown) == tuple(
+      f'class_{k}' for k in range(1, unknown.num_classes))
+
+
+def test_metrics_and_files_match_direct_computation(demo_model, tmp_path):
+  model, variables = demo_model
+  config = _config(metric_mode='standard')
+  num_classes = config.dataset.num_classes
+  names = evaluate.class_names(config.dataset)
+  cases = _volume_cases(num_classes)
+  summary = evaluate.evaluate_cases(config, model, variables, cases,
+                                    mesh=make_mesh(), split='test',
+                                    out_dir=tmp_path, step=3)
+
+  predict_fn = inference.make_predict_fn(model, make_mesh())
+  expected = [
+      metrics.multiclass_metrics(
+          inference.predict_volume(predict_fn, variables, case.image,
+                                   IMAGE_SIZE, BATCH_SIZE),
+          case.label, num_classes, case.spacing, 'standard')
+      for case in cases
+  ]
+  rows = _read_csv(tmp_path / evaluate.METRICS_FILE)
+  assert len(rows) == len(cases) * (num_classes - 1)
+  for row in rows:
+    case_index = [c.case_id for c in cases].index(row['case_id'])
+    k = int(row['class_id']) - 1
+    assert row['class_name'] == names[k]
+    for name in metrics.METRIC_NAMES:
+      np.testing.assert_equal(float(row[name]),
+                              expected[case_index].values[name][k])
+
+  aggregated = metrics.aggregate(expected)
+  for name in metrics.METRIC_NAMES:
+    np.testing.assert_equal(summary[f'mean_{name}'], aggregated.mean[name])
+  assert summary['num_cases'] == len(cases)
+  assert summary['num_slices'] == sum(len(c.image) for c in cases)
+  assert summary['distance_unit'] == 'mm' and summary['mode'] == 'standard'
+  # The absent last class has empty truth in every case: HD95 left out.
+  assert summary['excluded']['hd95'][names[-1]] == len(cases)
+
+  written = json.loads((tmp_path / evaluate.SUMMARY_FILE).read_text())
+  assert written['num_cases'] == len(cases) and written['step'] == 3
+  assert 'table' not in written
+  table = (tmp_path / evaluate.TABLE_FILE).read_text()
+  assert table.strip() == summary['table']
+  body = table.strip().splitlines()[2:]
+  assert [line.split()[0] for line in body] == [
+      n.split()[0] for n in names] + ['mean']
+  assert not list(tmp_path.glob('.*'))  # No temporary files left.
+
+
+@pytest.mark.parametrize('mode', ['paper', 'standard'])
+def test_constant_prediction_gives_known_metrics(demo_model, mode):
+  model, variables = demo_model
+  config = _config(metric_mode=mode)
+  num_classes = config.dataset.num_classes
+  predicted_class = 1
+  variables = predicting_constant(variables, predicted_class, num_classes)
+  cases = _volume_cases(num_classes)
+  summary = evaluate.evaluate_cases(config, model, variables, cases,
+                                    mesh=make_mesh(), split='test')
+  names = evaluate.class_names(config.dataset)
+  # Class 1 fills every volume: Dice = 2|T| / (|volume| + |T|).
+  dice = [2 * (c.label == predicted_class).sum()
+          / (c.label.size + (c.label == predicted_class).sum()) for c in cases]
+  np.testing.assert_allclose(
+      summary['per_class']['dice'][names[predicted_class - 1]], np.mean(dice))
+  for k in range(predicted_class + 1, num_classes):
+    name = names[k - 1]
+    present = sum((c.label == k).any() for c in cases)
+    if mode == 'paper':  # Empty prediction: Dice 0 and HD95 0.
+      assert summary['per_class']['dice'][name] == 0.0
+      assert summary['per_class']['hd95'][name] == 0.0
+      assert summary['excluded']['hd95'][name] == 0
+    else:  # Truth present: Dice 0, HD95 NaN; both empty: all NaN.
+      assert summary['excluded']['hd95'][name] == len(cases)
+      assert summary['excluded']['dice'][name] == len(cases) - present
+      if present:
+        assert summary['per_class']['dice'][name] == 0.0
+      assert math.isnan(summary['per_class']['hd95'][name])
+  assert summary['distance_unit'] == ('voxel' if mode == 'paper' else 'mm')
+
+
+def test_2d_binary_set_scores_at_image_size(tmp_path):
+  config = _config('glas')
+  config.eval.overlay_cases = ('image_1',)
+  model = create_model(config.model)
+  assert config.model.num_classes == 1
+  variables = predicting_constant(
+      numpy_variables(model, IMAGE_SIZE, config.dataset.in_channels), 1, 1)
+  rng = np.random.default_rng(0)
+  cases = []
+  for i, (height, width) in enumerate(IMAGES_2D):
+    label = np.zeros((1, height, width), np.uint8)
+    label[0, height // 4:height // 2, width // 3:] = 1
+    cases.append(input_pipeline.Case(
+        f'image_{i}', rng.random((1, height, width, 3), dtype=np.float32),
+        label, (1.0, 1.0, 1.0)))
+  summary = evaluate.evaluate_cases(config, model, variables, cases,
+                                    mesh=make_mesh(), split='test',
+                                    out_dir=tmp_path)
+  # All foreground at IMAGE_SIZE: Dice = 2|T| / (S^2 + |T|), IoU = |T| / S^2.
+  sizes = [inference.resize_labels(c.label[0], (IMAGE_SIZE,) * 2).sum()
+           for c in cases]
+  pixels = IMAGE_SIZE**2
+  np.testing.assert_allclose(summary['mean_dice'],
+                             np.mean([2 * t / (pixels + t) for t in sizes]))
+  np.testing.assert_allclose(summary['mean_jaccard'],
+                             np.mean([t / pixels for t in sizes]))
+  assert summary['distance_unit'] == 'pixel'
+  assert 'IoU (%)' in summary['table']
+  assert len(_read_csv(tmp_path / evaluate.METRICS_FILE)) == len(cases)
+  overlay = Image.open(tmp_path / evaluate.OVERLAYS_DIR / 'image_1.png')
+  assert overlay.size == (3 * IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_nifti_predictions_and_overlays(demo_model, tmp_path):
+  model, variables = demo_model
+  config = _config()
+  config.eval.save_predictions = True
+  config.eval.overlay_cases = (CASES[1][0],)
+  cases = _volume_cases(config.dataset.num_classes)
+  evaluate.evaluate_cases(config, model, variables, cases, mesh=make_mesh(),
+                          split='test', out_dir=tmp_path)
+  predict_fn = inference.make_predict_fn(model, make_mesh())
+  for case in cases:
+    saved = nib.load(tmp_path / evaluate.PREDICTIONS_DIR
+                     / f'{case.case_id}.nii.gz')
+    prediction = inference.predict_volume(predict_fn, variables, case.image,
+                                          IMAGE_SIZE, BATCH_SIZE)
+    np.testing.assert_array_equal(np.asarray(saved.dataobj),
+                                  prediction.transpose(2, 1, 0))
+    np.testing.assert_allclose(np.diag(saved.affine)[:3],
+                               case.spacing[::-1], rtol=1e-6)
+  depth, height, width = CASES[1][1]
+  overlay = Image.open(tmp_path / evaluate.OVERLAYS_DIR
+                       / f'{CASES[1][0]}.png')
+  assert overlay.size == (3 * width, height) and overlay.mode == 'RGB'
+  assert not (tmp_path / evaluate.OVERLAYS_DIR / f'{CASES[0][0]}.png').exists()
+
+
+def test_bad_config_is_refused(demo_model):
+  model, variables = demo_model
+  config = _config()
+  config.model.num_classes = config.dataset.num_classes + 1
+  with pytest.raises(ValueError, match='config.model.num_classes'):
+    evaluate.evaluate_cases(config, model, variables, [], mesh=make_mesh())
+  config = _config()
+  config.eval.metric_mode = 'medpy'
+  with pytest.raises(ValueError, match='config.eval.metric_mode'):
+    evaluate.evaluate_cases(config, model, variables, [], mesh=make_mesh())
+  with pytest.raises(ValueError, match='has no cases'):
+    evaluate.evaluate_cases(_config(), model, variables, [], mesh=make_mesh())
+
+
+def test_evaluate_checkpoint_end_to_end(demo_model, tmp_path):
+  model, variables = demo_model
+  data_dir = tmp_path / 'tfds'
+  build.build_dataset('demo', data_dir=data_dir, **DEMO_OPTIONS)
+  config = _config()
+  config.dataset.data_dir = str(data_dir)
+  workdir = tmp_path / 'run'
+  checkpoints.write_variables(workdir, jax.tree.map(np.asarray, variables),
+                              config, step=CHECKPOINT_STEP)
+
+  summary = evaluate.evaluate_checkpoint(config, workdir, which='latest')
+  out_dir = workdir / evaluate.EVAL_DIR / f'test_step{CHECKPOINT_STEP}'
+  assert summary['step'] == CHECKPOINT_STEP
+  assert summary['num_cases'] == DEMO_OPTIONS['num_test_cases']
+  rows = _read_csv(out_dir / evaluate.METRICS_FILE)
+  assert len(rows) == summary['num_cases'] * (config.dataset.num_classes - 1)
+  assert json.loads((out_dir / evaluate.SUMMARY_FILE).read_text())[
+      'mean_dice'] == pytest.approx(summary['mean_dice'])
+
+  # The restored variables score like the in-memory ones.
+  direct = evaluate.evaluate_split(config, model, variables, 'test',
+                                   mesh=make_mesh())
+  for name in metrics.METRIC_NAMES:
+    np.testing.assert_equal(direct[f'mean_{name}'], summary[f'mean_{name}'])
+
+  with pytest.raises(ValueError, match="no split 'nope'"):
+    evaluate.evaluate_split(config, model, variables, 'nope', mesh=make_mesh())
