@@ -1,0 +1,136 @@
+"""Converts model checkpoints between PyTorch and our orbax runs.
+
+PyTorch -> orbax (a checkpoint that `--mode eval` accepts):
+
+  python -m selfreg_jax.convert --from-torch CKPT.pth --config configs/X.py \
+      --out DIR [--config.model.num_classes=9 ...]
+
+CKPT may be a torch.save file (.pth/.pt/.bin, read without torch), a
+.safetensors or a .npz file holding a trained Pytorch-UNet or Swin-Unet state
+dict; every variable of `config.model` must be filled by exactly one entry.
+
+orbax -> safetensors with PyTorch names and layouts:
+
+  python -m selfreg_jax.convert --to-safetensors OUT.safetensors --workdir RUN \
+      [--checkpoint latest] [--config configs/X.py]
+
+The model comes from `--config` when given, else from the config stored with
+the run's checkpoint.
+"""
+
+from collections.abc import Sequence
+import pathlib
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import orbax.checkpoint as ocp
+
+from selfreg_jax import checkpoints
+from selfreg_jax import pretrained
+from selfreg_jax import torch_io
+from selfreg_jax.models import create_model
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file whose `model` field describes the model.')
+_FROM_TORCH = flags.DEFINE_string(
+    'from-torch', None, 'PyTorch checkpoint (.pth/.pt/.bin/.safetensors/.npz) '
+    'to convert into an orbax checkpoint in --out.')
+_OUT = flags.DEFINE_string('out', None, 'Run directory to write the converted '
+                           'checkpoint into (as step 0).')
+_TO_SAFETENSORS = flags.DEFINE_string(
+    'to-safetensors', None, 'Export the model variables of --workdir to this '
+    '.safetensors file with PyTorch names and layouts.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory to export.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', 'latest', "Checkpoint of --workdir to export: 'latest', "
+    "'best' or a step number.")
+
+# Spatial size used only to trace the UNet's init (its variables do not
+# depend on it); the Swin-UNet uses its configured image size.
+_UNET_TRACE_SIZE = 32
+
+
+def abstract_variables(model_config: ml_collections.ConfigDict) -> Any:
+  """Shapes and dtypes of the model's variables, without computing them."""
+  model = create_model(model_config)
+  size = getattr(model, 'image_size', _UNET_TRACE_SIZE)
+  images = jax.ShapeDtypeStruct((1, size, size, model.in_channels),
+                                jnp.float32)
+  return jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False), images)
+
+
+def torch_to_orbax(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path,
+                   config: ml_collections.ConfigDict) -> Any:
+  """Imports a trained PyTorch checkpoint and saves it as a run's step 0.
+
+  Returns:
+    The imported variables.
+  """
+  state_dict = torch_io.state_dict_of(torch_io.load_checkpoint(checkpoint_path))
+  try:
+    variables = pretrained.import_torch_state_dict(
+        state_dict, abstract_variables(config.model), config.model.name)
+  except ValueError as e:
+    raise ValueError(f'{checkpoint_path}: {e}') from None
+  checkpoints.write_variables(out, variables, config)
+  logging.info('Imported %d PyTorch tensors from %s into %s.',
+               len(jax.tree.leaves(variables)), checkpoint_path, out)
+  return variables
+
+
+def stored_config(workdir: str | pathlib.Path,
+                  which: str = 'latest') -> ml_collections.ConfigDict:
+  """The config saved with checkpoint `which` of a run."""
+  with checkpoints.create_manager(workdir, read_only=True) as manager:
+    step = checkpoints.select_step(manager, which)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore()))
+    except KeyError as e:
+      raise FileNotFoundError(f'{manager.directory} step {step} holds no '
+                              f'config ({e}): pass --config.') from e
+  return ml_collections.ConfigDict(restored['config'])
+
+
+def orbax_to_safetensors(workdir: str | pathlib.Path,
+                         out: str | pathlib.Path,
+                         config: ml_collections.ConfigDict | None = None,
+                         which: str = 'latest') -> dict[str, Any]:
+  """Exports a run's model variables with PyTorch names; returns them."""
+  config = config or stored_config(workdir, which)
+  variables, step = checkpoints.restore_variables(
+      workdir, abstract_variables(config.model), which)
+  state_dict = pretrained.export_torch_state_dict(variables,
+                                                  config.model.name)
+  torch_io.save_safetensors(state_dict, out)
+  logging.info('Exported %d tensors of %s step %d to %s.', len(state_dict),
+               workdir, step, out)
+  return state_dict
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if bool(_FROM_TORCH.value) == bool(_TO_SAFETENSORS.value):
+    raise app.UsageError('Give exactly one of --from-torch and '
+                         '--to-safetensors.')
+  if _FROM_TORCH.value:
+    if not _OUT.value or _CONFIG.value is None:
+      raise app.UsageError('--from-torch needs --config and --out.')
+    torch_to_orbax(_FROM_TORCH.value, _OUT.value, _CONFIG.value)
+  else:
+    if not _WORKDIR.value:
+      raise app.UsageError('--to-safetensors needs --workdir.')
+    orbax_to_safetensors(_WORKDIR.value, _TO_SAFETENSORS.value, _CONFIG.value,
+                         _CHECKPOINT.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
