@@ -48,6 +48,22 @@ def round_up_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
   return -(-batch_size // mesh.size) * mesh.size
 
 
+def predictions(logits: jax.Array) -> jax.Array:
+  """(N, S, S, K) logits -> (N, S, S) uint8 class ids.
+
+  Argmax over K classes, or sigmoid(logit) > 0.5 for one logit (K == 1).
+  """
+  logits = logits.astype(jnp.float32)
+  num_logits = logits.shape[-1]
+  if num_logits > _MAX_CLASSES:
+    raise ValueError(f'{num_logits} classes do not fit uint8 predictions.')
+  if num_logits == 1:
+    classes = jax.nn.sigmoid(logits[..., 0]) > 0.5
+  else:
+    classes = jnp.argmax(logits, axis=-1)
+  return classes.astype(jnp.uint8)
+
+
 @functools.lru_cache(maxsize=8)
 def make_predict_fn(model: nn.Module, mesh: jax.sharding.Mesh):
   """A jit-compiled predictor of `model`, sharded over `mesh`.
@@ -74,16 +90,7 @@ def make_predict_fn(model: nn.Module, mesh: jax.sharding.Mesh):
   images_sharding = batch_sharding(mesh)
 
   def predict_classes(variables, images):
-    logits, _ = model.apply(variables, images, train=False)
-    logits = logits.astype(jnp.float32)
-    num_logits = logits.shape[-1]
-    if num_logits > _MAX_CLASSES:
-      raise ValueError(f'{num_logits} classes do not fit uint8 predictions.')
-    if num_logits == 1:
-      classes = jax.nn.sigmoid(logits[..., 0]) > 0.5
-    else:
-      classes = jnp.argmax(logits, axis=-1)
-    return classes.astype(jnp.uint8)
+    return predictions(model.apply(variables, images, train=False)[0])
 
   compiled = jax.jit(
       predict_classes,

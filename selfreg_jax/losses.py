@@ -168,8 +168,9 @@ def total_loss(logits: jax.Array, labels: jax.Array, features: Features,
   """L = w_ce CE + w_dice Dice + scr_weight L_SCR + ifd_weight L_IFD.
 
   `loss_config` fields: ce_weight, dice_weight, scr_weight, ifd_weight and
-  optionally selfreg_weight (the public code's single lambda: when set, it
-  replaces both scr_weight and ifd_weight). A one-channel `logits` selects
+  optionally use_selfreg (False: the baseline, both weights 0) and
+  selfreg_weight (the public code's single lambda: when set, it replaces both
+  scr_weight and ifd_weight). A one-channel `logits` selects
   the binary Dice+BCE form (ce_weight then weights BCE). Returns the scalar
   and its unweighted parts {ce, dice, scr, ifd} plus the total.
   """
@@ -188,7 +189,10 @@ def total_loss(logits: jax.Array, labels: jax.Array, features: Features,
 
 
 def selfreg_weights(loss_config: Mapping) -> tuple[float, float]:
-  """(scr_weight, ifd_weight), honouring the single-lambda form."""
+  """(scr_weight, ifd_weight): 0 for the baseline (use_selfreg=False), else
+  the single lambda when selfreg_weight is set, else the two weights."""
+  if not loss_config.get('use_selfreg', True):
+    return 0.0, 0.0
   single = loss_config.get('selfreg_weight')
   if single is not None:
     return float(single), float(single)

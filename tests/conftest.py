@@ -1,5 +1,14 @@
+import os
 import pathlib
 import sys
+import tempfile
+
+# One persistent XLA compilation cache for the whole test session, shared with
+# the training subprocesses the tests start: the same tiny programs are
+# compiled once instead of in every run (XLA:CPU compiles are slow here).
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      tempfile.mkdtemp(prefix='selfreg_jax_cache_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 # Tests import the project's packages (selfreg_jax, data_prep, configs) and the
 # shared tiny configurations from the checkout, without installation.
@@ -7,3 +16,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / 'tests'):
   if str(path) not in sys.path:
     sys.path.insert(0, str(path))
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope='session')
+def tiny_demo_data_dir(tmp_path_factory):
+  """A TFDS data dir holding a tiny synthetic demo set (built once)."""
+  from data_prep import build  # pylint: disable=g-import-not-at-top
+  import tiny_train_config  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path_factory.mktemp('tfds')
+  build.build_dataset('demo', data_dir=data_dir,
+                      **tiny_train_config.DEMO_OPTIONS)
+  return data_dir

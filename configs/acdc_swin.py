@@ -1,0 +1,14 @@
+"""Swin-UNet + SelfReg on ACDC (public recipe: AdamW lr 1e-4, wd 1e-4, constant,
+batch 12, 400 epochs, CE/Dice 0.3/0.7, SelfReg weight 0.1)."""
+
+from configs import base
+
+
+def get_config(model: str = 'swin_unet'):
+  config = base.get_config(dataset='acdc', model=model)
+  config.optimizer.update(name='adamw', learning_rate=1e-4, weight_decay=1e-4,
+                          schedule='constant')
+  config.loss.update(ce_weight=0.3, dice_weight=0.7, selfreg_weight=0.1)
+  config.batch_size = 12
+  config.num_epochs = 400
+  return config

@@ -1,0 +1,110 @@
+"""Shared defaults; each config file in this folder holds only what differs.
+
+Every field is documented here once. Dataset names are TFDS builder names
+built by `python -m data_prep.build NAME`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+# Per data set: TFDS name, input channels, label classes, volumetric cases.
+DATASETS = {
+    'demo': ('selfreg_demo', 1, 5, True),
+    'synapse': ('selfreg_synapse', 1, 9, True),
+    'acdc': ('selfreg_acdc', 1, 4, True),
+    'glas': ('selfreg_glas', 3, 2, False),
+    'monuseg': ('selfreg_monuseg', 3, 2, False),
+}
+
+
+def dataset_config(name: str, image_size: int = 224) -> ml_collections.ConfigDict:
+  tfds_name, in_channels, num_classes, volumetric = DATASETS[name]
+  return ml_collections.ConfigDict(dict(
+      name=tfds_name,
+      # TFDS data dir holding the built data set; None = ~/tensorflow_datasets.
+      data_dir=config_dict.placeholder(str),
+      image_size=image_size,     # square training / inference size, pixels
+      in_channels=in_channels,
+      num_classes=num_classes,   # label classes including background
+      volumetric=volumetric,     # 3D cases evaluated per volume (Synapse, ACDC)
+      train_split='train',
+      val_split='validation',
+      test_split='test',
+      augment=True,              # DESIGN.md section 3 training augmentation
+      num_workers=0,             # grain worker processes (0 = in-process)
+  ))
+
+
+def model_config(name: str, dataset: ml_collections.ConfigDict
+                 ) -> ml_collections.ConfigDict:
+  """The paper-size model for a data set (binary sets get one sigmoid logit)."""
+  num_outputs = 1 if dataset.num_classes == 2 else dataset.num_classes
+  config = ml_collections.ConfigDict(dict(
+      name=name, num_classes=num_outputs, in_channels=dataset.in_channels))
+  if name == 'unet':
+    config.widths = (64, 128, 256, 512, 1024)
+  else:
+    config.update(image_size=dataset.image_size, patch_size=4, embed_dim=96,
+                  depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=7,
+                  mlp_ratio=4.0, drop_rate=0.0, attn_drop_rate=0.0,
+                  drop_path_rate=0.2)
+  return config
+
+
+def get_config(dataset: str = 'demo', model: str = 'unet'
+               ) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.dataset = dataset_config(dataset)
+  config.model = model_config(model, config.dataset)
+  # Computation dtype: 'float32' or 'bfloat16' (parameters stay float32).
+  config.dtype = 'float32'
+
+  config.loss = ml_collections.ConfigDict(dict(
+      ce_weight=0.4,       # CE (or BCE for one-logit binary tasks)
+      dice_weight=0.6,
+      use_selfreg=True,    # False = the baseline without SCR and IFD
+      scr_weight=0.015,    # the paper's lambda_1
+      ifd_weight=0.015,    # the paper's lambda_2
+      # The public code's single lambda for both terms; overrides the two above.
+      selfreg_weight=config_dict.placeholder(float),
+  ))
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name='sgd',               # 'sgd' (momentum), 'adamw' or 'adam'
+      learning_rate=0.01,
+      momentum=0.9,             # sgd only
+      weight_decay=1e-4,        # sgd: L2 added to the gradient; adamw: decoupled
+      schedule='poly',          # 'poly', 'constant' or 'cosine_restarts'
+      poly_power=0.9,           # lr * (1 - step / total_steps) ** power
+      restart_epochs=10,        # cosine_restarts: period of one cycle
+      min_learning_rate=1e-4,   # cosine_restarts: floor of each cycle
+      grad_clip_norm=0.0,       # 0 = no clipping
+  ))
+
+  config.batch_size = 24        # global batch over all devices and processes
+  config.num_epochs = 150
+  config.num_train_steps = -1   # > 0 overrides num_epochs
+
+  config.init = ml_collections.ConfigDict(dict(
+      # ImageNet Swin-T checkpoint (swin_tiny_patch4_window7_224.pth) for the
+      # Swin-UNet encoder and mirrored decoder; None = random init.
+      pretrained=config_dict.placeholder(str),
+  ))
+
+  config.log_every_steps = 50
+  config.image_summary_every_steps = 500   # 0 = never
+  config.eval_every_steps = 1000           # validation; 0 = only at the end
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3              # the last N, plus the best one
+  config.early_stopping_patience = 0       # validations without gain; 0 = off
+
+  config.eval = ml_collections.ConfigDict(dict(
+      split='test',             # split of `--mode eval`
+      checkpoint='best',        # 'best', 'latest' or a step number
+      metric_mode='paper',      # 'paper' (published convention) or 'standard'
+      batch_size=32,            # slices per inference batch (global)
+      save_predictions=False,   # NIfTI predictions of 3D cases
+      overlay_cases=(),         # case ids to render as PNG overlays
+  ))
+  return config

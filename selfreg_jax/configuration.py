@@ -1,0 +1,105 @@
+"""Checks a run's config before anything is compiled or read.
+
+Unknown keys are already refused by ml_collections (configs are locked and
+`--config.x=y` must name an existing field); this module checks values and
+their consistency, naming the offending key.
+"""
+
+import jax
+import ml_collections
+
+from selfreg_jax.models import MODELS
+from selfreg_jax.models.swin_unet import stage_windows
+
+MODES = ('train', 'eval', 'train_and_eval')
+CHOICES = {
+    'optimizer.name': ('sgd', 'adamw', 'adam'),
+    'optimizer.schedule': ('poly', 'constant', 'cosine_restarts'),
+    'dtype': ('float32', 'bfloat16'),
+    'eval.metric_mode': ('paper', 'standard'),
+}
+POSITIVE = ('batch_size', 'dataset.image_size', 'dataset.in_channels',
+            'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+            'eval.batch_size', 'optimizer.learning_rate')
+NON_NEGATIVE = ('loss.ce_weight', 'loss.dice_weight', 'loss.scr_weight',
+                'loss.ifd_weight', 'optimizer.weight_decay',
+                'optimizer.grad_clip_norm', 'dataset.num_workers',
+                'image_summary_every_steps', 'eval_every_steps',
+                'early_stopping_patience', 'seed')
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the key."""
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+  node = config
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict, mode: str = 'train_and_eval',
+             device_count: int | None = None,
+             process_count: int | None = None) -> None:
+  """Raises ConfigError naming the first invalid key."""
+  if mode not in MODES:
+    raise ConfigError(f'--mode={mode!r}: choose one of {MODES}.')
+  for key, choices in CHOICES.items():
+    if _get(config, key) not in choices:
+      raise ConfigError(f'config.{key}={_get(config, key)!r}: choose one of '
+                        f'{choices}.')
+  for key in POSITIVE:
+    if not _get(config, key) > 0:
+      raise ConfigError(f'config.{key}={_get(config, key)!r} must be > 0.')
+  for key in NON_NEGATIVE:
+    if not _get(config, key) >= 0:
+      raise ConfigError(f'config.{key}={_get(config, key)!r} must be >= 0.')
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ConfigError('config.num_epochs or config.num_train_steps must be '
+                      '> 0.')
+  if config.loss.selfreg_weight is not None and config.loss.selfreg_weight < 0:
+    raise ConfigError(f'config.loss.selfreg_weight={config.loss.selfreg_weight}'
+                      ' must be >= 0.')
+  _validate_model(config)
+  _validate_batch(config, device_count, process_count)
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+  model, dataset = config.model, config.dataset
+  if model.name not in MODELS:
+    raise ConfigError(f'config.model.name={model.name!r}: choose one of '
+                      f'{sorted(MODELS)}.')
+  if model.in_channels != dataset.in_channels:
+    raise ConfigError(f'config.model.in_channels={model.in_channels} differs '
+                      f'from config.dataset.in_channels={dataset.in_channels}.')
+  binary = dataset.num_classes == 2
+  if not (model.num_classes == dataset.num_classes
+          or (binary and model.num_classes == 1)):
+    raise ConfigError(
+        f'config.model.num_classes={model.num_classes} does not fit '
+        f'config.dataset.num_classes={dataset.num_classes} (use '
+        f'{dataset.num_classes}, or 1 sigmoid logit for a binary set).')
+  if model.name == 'swin_unet':
+    if model.image_size != dataset.image_size:
+      raise ConfigError(
+          f'config.model.image_size={model.image_size} differs from '
+          f'config.dataset.image_size={dataset.image_size}.')
+    try:
+      stage_windows(model.image_size, model.patch_size, len(model.depths),
+                    model.window_size)
+    except ValueError as e:
+      raise ConfigError(f'config.model.image_size: {e}') from e
+
+
+def _validate_batch(config: ml_collections.ConfigDict,
+                    device_count: int | None,
+                    process_count: int | None) -> None:
+  device_count = device_count or jax.device_count()
+  process_count = process_count or jax.process_count()
+  for key in ('batch_size', 'eval.batch_size'):
+    value = _get(config, key)
+    if value % device_count or value % process_count:
+      raise ConfigError(
+          f'config.{key}={value} must be divisible by the number of devices '
+          f'({device_count}) and of processes ({process_count}).')

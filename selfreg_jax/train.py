@@ -1,0 +1,402 @@
+"""Training loop: one jit-compiled step over a data-parallel device mesh.
+
+The batch is sharded over the mesh axis 'data' (every device of every
+process); parameters, BatchNorm statistics and optimizer state are
+replicated, so BatchNorm sees the global batch. Checkpoints (orbax), logs
+(CLU: TensorBoard event files + console) and validation live in the workdir;
+a run resumes from its last checkpoint, data order and random keys included.
+"""
+
+import functools
+import pathlib
+import signal
+import threading
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax.struct
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import grain
+
+from selfreg_jax import checkpoints
+from selfreg_jax import configuration
+from selfreg_jax import evaluate
+from selfreg_jax import inference
+from selfreg_jax import input_pipeline
+from selfreg_jax import losses
+from selfreg_jax import visualize
+from selfreg_jax.models import create_model
+
+IMAGES_PER_SUMMARY = 3
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  def variables(self) -> dict[str, Any]:
+    """The model variables (what evaluation and checkpoints' 'variables' hold)."""
+    if self.batch_stats:
+      return {'params': self.params, 'batch_stats': self.batch_stats}
+    return {'params': self.params}
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A loss part or the gradient norm became NaN or Inf."""
+
+
+def create_mesh() -> jax.sharding.Mesh:
+  """A 1D mesh 'data' over all devices, Auto axes (Swin's window reshapes)."""
+  return jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int,
+                           total_steps: int) -> optax.Schedule:
+  opt = config.optimizer
+  if opt.schedule == 'constant':
+    return optax.constant_schedule(opt.learning_rate)
+  if opt.schedule == 'poly':
+    return optax.polynomial_schedule(opt.learning_rate, 0.0, opt.poly_power,
+                                     total_steps)
+  period = opt.restart_epochs * steps_per_epoch
+
+  def cosine_restarts(step):
+    phase = (step % period) / period
+    return opt.min_learning_rate + 0.5 * (
+        opt.learning_rate - opt.min_learning_rate) * (1 + jnp.cos(jnp.pi * phase))
+  return cosine_restarts
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     schedule: optax.Schedule) -> optax.GradientTransformation:
+  """The recipe's optimizer (PyTorch semantics for SGD weight decay)."""
+  opt = config.optimizer
+  if opt.name == 'sgd':
+    tx = optax.chain(optax.add_decayed_weights(opt.weight_decay),
+                     optax.sgd(schedule, momentum=opt.momentum))
+  elif opt.name == 'adamw':
+    tx = optax.adamw(schedule, weight_decay=opt.weight_decay)
+  else:
+    tx = optax.adam(schedule)
+  if opt.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+  return tx
+
+
+def initial_state(model, tx, config, key: jax.Array) -> TrainState:
+  size = config.dataset.image_size
+  dummy = jnp.zeros((1, size, size, config.dataset.in_channels), jnp.float32)
+  variables = model.init({'params': key, 'dropout': key}, dummy)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}),
+                    opt_state=tx.init(params))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx,
+               loss_config: dict[str, Any], base_key: jax.Array
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step; returns the new state and scalar metrics.
+
+  batch: {'image': (B, S, S, C) float32, 'label': (B, S, S) int32}, B global.
+  The step's random keys (dropout / stochastic depth, SelfReg channel draws)
+  are folded from the step number, so a resumed run draws the same ones.
+  """
+  step_key = jax.random.fold_in(base_key, state.step)
+  dropout_key, selfreg_key = jax.random.split(step_key)
+
+  def loss_fn(params):
+    variables = {'params': params}
+    if state.batch_stats:
+      variables['batch_stats'] = state.batch_stats
+    (logits, features), updates = model.apply(
+        variables, batch['image'], train=True, mutable=['batch_stats'],
+        rngs={'dropout': dropout_key})
+    loss, parts = losses.total_loss(logits, batch['label'], features,
+                                    selfreg_key, loss_config)
+    return loss, (parts, updates.get('batch_stats', {}))
+
+  (_, (parts, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(parts, grad_norm=optax.tree.norm(grads))
+  return state.replace(step=state.step + 1, params=params,
+                       batch_stats=batch_stats, opt_state=opt_state), metrics
+
+
+def check_finite(step: int, metrics: dict[str, float]) -> None:
+  bad = sorted(name for name, value in metrics.items()
+               if not np.isfinite(value))
+  if bad:
+    raise NonFiniteLossError(
+        f'Step {step}: non-finite {", ".join(bad)} '
+        f'({", ".join(f"{k}={metrics[k]}" for k in bad)}); stopping. Lower the '
+        'learning rate, enable optimizer.grad_clip_norm or check the data.')
+
+
+class PreemptionWatcher:
+  """Notices SIGTERM (pre-emption) so that the loop can save and exit."""
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM,
+                                     lambda *_: self._event.set())
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._event.is_set()
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def ensure_demo_data(config: ml_collections.ConfigDict) -> None:
+  """Builds the synthetic demo set on first use (no download needed)."""
+  if config.dataset.name != 'selfreg_demo':
+    return
+  if jax.process_index() == 0:
+    try:
+      input_pipeline.open_dataset(config.dataset.name, config.dataset.data_dir)
+    except FileNotFoundError:
+      from data_prep import build  # pylint: disable=g-import-not-at-top
+      build.build_dataset('demo', data_dir=config.dataset.data_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('demo data built')
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+  builder = input_pipeline.open_dataset(config.dataset.name,
+                                        config.dataset.data_dir)
+  num_slices = builder.info.splits[config.dataset.train_split].num_examples
+  return max(1, num_slices // config.batch_size)
+
+
+def _save(manager, state: TrainState, iterator, config, metrics=None):
+  manager.save(int(state.step), args=ocp.args.Composite(
+      variables=ocp.args.StandardSave(state.variables()),
+      train=ocp.args.StandardSave({'step': state.step,
+                                   'opt_state': state.opt_state}),
+      data=grain.checkpoint.CheckpointSave(iterator),
+      config=ocp.args.JsonSave(config.to_dict())), metrics=metrics, force=True)
+
+
+def _restore(manager, abstract: TrainState, iterator) -> TrainState:
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.Composite(
+      variables=ocp.args.StandardRestore(abstract.variables()),
+      train=ocp.args.StandardRestore({'step': abstract.step,
+                                      'opt_state': abstract.opt_state}),
+      data=grain.checkpoint.CheckpointRestore(iterator)))
+  variables, train = restored['variables'], restored['train']
+  return TrainState(step=train['step'], params=variables['params'],
+                    batch_stats=variables.get('batch_stats', {}),
+                    opt_state=train['opt_state'])
+
+
+def _summary_images(predict_local, variables, batch) -> np.ndarray:
+  """(N, S, 3S, 3) [input | prediction | truth] strips of a local batch.
+
+  Runs on this process's first device only (no collective), so processes
+  need not agree on the images.
+  """
+  local_variables = jax.tree.map(lambda x: x.addressable_data(0), variables)
+  images = batch['image'][:IMAGES_PER_SUMMARY]
+  predictions = np.asarray(predict_local(local_variables, images))
+  return np.stack([visualize.comparison_strip(i, p, t) for i, p, t in zip(
+      images, predictions, batch['label'][:IMAGES_PER_SUMMARY])])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       mode: str = 'train_and_eval') -> dict[str, Any]:
+  """Trains (resuming from `workdir`), validates, and evaluates the best step.
+
+  Args:
+    config: experiment config (see configs/base.py).
+    workdir: run folder: checkpoints/, TensorBoard events, eval/ outputs.
+    mode: 'train', 'eval' (evaluate a checkpoint of the workdir only) or
+      'train_and_eval'.
+
+  Returns:
+    The final evaluation summary (empty for mode='train').
+  """
+  configuration.validate(config, mode)
+  workdir = pathlib.Path(workdir)
+  ensure_demo_data(config)
+  if mode == 'eval':
+    return evaluate.evaluate_checkpoint(config, str(workdir))
+
+  mesh = create_mesh()
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data'))
+  model = create_model(config.model, dtype=jnp.dtype(config.dtype))
+  epoch_steps = steps_per_epoch(config)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else config.num_epochs * epoch_steps)
+  schedule = learning_rate_schedule(config, epoch_steps, total_steps)
+  tx = create_optimizer(config, schedule)
+  init_key, base_key = jax.random.split(jax.random.key(config.seed))
+
+  init_fn = jax.jit(functools.partial(initial_state, model, tx, config),
+                    out_shardings=replicated)
+  iterator = input_pipeline.create_train_loader(config)
+  manager = checkpoints.create_manager(workdir,
+                                       keep_last=config.keep_checkpoints)
+  if manager.latest_step() is not None:
+    abstract = jax.eval_shape(init_fn, init_key)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        abstract)
+    state = _restore(manager, abstract, iterator)
+    logging.info('Resumed from %s at step %d.', manager.directory,
+                 int(state.step))
+  else:
+    state = init_fn(init_key)
+    if config.init.pretrained:
+      from selfreg_jax import pretrained  # pylint: disable=g-import-not-at-top
+      variables, report = pretrained.load_swin_imagenet(
+          config.init.pretrained, state.variables(), config.model)
+      logging.info('Pretrained init:\n%s', pretrained.format_report(report))
+      state = state.replace(params=jax.device_put(variables['params'],
+                                                  replicated))
+
+  loss_config = dict(config.loss)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx,
+                        loss_config=loss_config, base_key=base_key),
+      in_shardings=(replicated, batch_sharding),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  predict_local = jax.jit(lambda variables, images: inference.predictions(
+      model.apply(variables, images)[0]))
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  first_step = int(state.step)
+  if first_step == 0:
+    writer.write_hparams(_flat_hparams(config))
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer)
+  preemption = PreemptionWatcher()
+  best_dice, evals_without_gain = -np.inf, 0
+  pending = None
+  interval_metrics = []
+  logging.info('Training %s on %s for %d steps (%d per epoch), global batch '
+               '%d over %d devices.', config.model.name, config.dataset.name,
+               total_steps, epoch_steps, config.batch_size, jax.device_count())
+  interval_start = time.time()
+  try:
+    step = first_step
+    while step < total_steps:
+      local_batch = next(iterator)
+      batch = jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
+          local_batch)
+      state, metrics = step_fn(state, batch)
+      # Read the previous step's metrics while this one runs.
+      if pending is not None:
+        interval_metrics.append(_fetch_checked(*pending))
+      pending = (step + 1, metrics)
+      step += 1
+      report_progress(step)
+
+      is_last = step == total_steps
+      if step % config.log_every_steps == 0 or is_last:
+        interval_metrics.append(_fetch_checked(*pending))
+        pending = None
+        scalars = {f'train/{k}': float(np.mean([m[k] for m in interval_metrics]))
+                   for k in interval_metrics[0]}
+        elapsed = time.time() - interval_start
+        scalars['train/learning_rate'] = float(schedule(step - 1))
+        scalars['train/steps_per_sec'] = len(interval_metrics) / elapsed
+        writer.write_scalars(step, scalars)
+        logging.info('step %d/%d  loss %.4f  ce %.4f  dice %.4f  scr %.4f  '
+                     'ifd %.4f  lr %.3g  %.2f steps/s', step, total_steps,
+                     scalars['train/total'], scalars['train/ce'],
+                     scalars['train/dice'], scalars['train/scr'],
+                     scalars['train/ifd'], scalars['train/learning_rate'],
+                     scalars['train/steps_per_sec'])
+        interval_metrics, interval_start = [], time.time()
+      if (config.image_summary_every_steps
+          and step % config.image_summary_every_steps == 0):
+        writer.write_images(step, {'train/input_prediction_truth':
+                                   _summary_images(predict_local,
+                                                   state.variables(),
+                                                   local_batch)})
+
+      eval_metrics = None
+      if (config.eval_every_steps and step % config.eval_every_steps == 0
+          ) or is_last:
+        summary = evaluate.evaluate_split(
+            config, model, state.variables(), config.dataset.val_split,
+            mesh=mesh)
+        writer.write_scalars(step, {f'val/{k}': v for k, v in summary.items()
+                                    if isinstance(v, (int, float))})
+        eval_metrics = {checkpoints.BEST_METRIC: summary['mean_dice']}
+        if summary['mean_dice'] > best_dice:
+          best_dice, evals_without_gain = summary['mean_dice'], 0
+        else:
+          evals_without_gain += 1
+      stop_early = (config.early_stopping_patience > 0 and
+                    evals_without_gain >= config.early_stopping_patience)
+      preempted = preemption.reached(step)
+      if (eval_metrics is not None or is_last or stop_early or preempted
+          or step % config.checkpoint_every_steps == 0):
+        _save(manager, state, iterator, config, eval_metrics)
+      if preempted:
+        logging.warning('Pre-empted (SIGTERM) at step %d: checkpoint saved, '
+                        'exiting; rerun the same command to resume.', step)
+        manager.wait_until_finished()
+        return {}
+      if stop_early:
+        logging.info('Early stopping at step %d: validation Dice has not '
+                     'improved for %d validations.', step, evals_without_gain)
+        break
+    if pending is not None:
+      _fetch_checked(*pending)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    preemption.close()
+    writer.flush()
+  if mode == 'train':
+    return {}
+  return evaluate.evaluate_checkpoint(config, str(workdir))
+
+
+def _fetch_checked(step: int, metrics) -> dict[str, float]:
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  check_finite(step, values)
+  return values
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  flat = {}
+
+  def visit(prefix, node):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        visit(f'{prefix}{key}.', value)
+      else:
+        flat[f'{prefix}{key}'] = value if isinstance(
+            value, (int, float, str, bool)) else str(value)
+  visit('', config)
+  return flat
