@@ -10,6 +10,7 @@ launcher sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID
 on a Cloud TPU pod slice, under SLURM or Open MPI.
 """
 
+import logging as std_logging
 import os
 
 from absl import app
@@ -43,9 +44,27 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+class QuietLibraries(std_logging.Filter):
+  """Keeps the console readable: INFO lines from this project and CLU's
+  progress reports, warnings from everything but orbax's routine notices,
+  errors always. Run with --verbosity=1 to see every library's INFO lines."""
+
+  SHOWN_INFO = ('/selfreg_jax/', '/data_prep/', 'main.py', '/clu/platform/',
+                '/clu/periodic_actions')
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.ERROR:
+      return True
+    if record.levelno >= std_logging.WARNING:
+      return '/orbax/' not in record.pathname
+    return any(part in record.pathname for part in self.SHOWN_INFO)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.verbosity <= 0:
+    logging.get_absl_handler().addFilter(QuietLibraries())
   initialize_distributed()
   logging.info('JAX process %d/%d, %d local / %d global devices (%s).',
                jax.process_index(), jax.process_count(),

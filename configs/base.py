@@ -94,7 +94,7 @@ def get_config(dataset: str = 'demo', model: str = 'unet'
 
   config.log_every_steps = 50
   config.image_summary_every_steps = 500   # 0 = never
-  config.eval_every_steps = 1000           # validation; 0 = only at the end
+  config.eval_every_steps = 1000           # validation; 0: at the end; -1: never
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3              # the last N, plus the best one
   config.early_stopping_patience = 0       # validations without gain; 0 = off

@@ -24,8 +24,7 @@ POSITIVE = ('batch_size', 'dataset.image_size', 'dataset.in_channels',
 NON_NEGATIVE = ('loss.ce_weight', 'loss.dice_weight', 'loss.scr_weight',
                 'loss.ifd_weight', 'optimizer.weight_decay',
                 'optimizer.grad_clip_norm', 'dataset.num_workers',
-                'image_summary_every_steps', 'eval_every_steps',
-                'early_stopping_patience', 'seed')
+                'image_summary_every_steps', 'early_stopping_patience', 'seed')
 
 
 class ConfigError(ValueError):
@@ -55,6 +54,9 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train_and_eval',
   for key in NON_NEGATIVE:
     if not _get(config, key) >= 0:
       raise ConfigError(f'config.{key}={_get(config, key)!r} must be >= 0.')
+  if config.eval_every_steps < -1:
+    raise ConfigError(f'config.eval_every_steps={config.eval_every_steps} '
+                      'must be >= -1 (0: only at the end, -1: never).')
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError('config.num_epochs or config.num_train_steps must be '
                       '> 0.')

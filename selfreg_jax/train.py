@@ -343,8 +343,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                    local_batch)})
 
       eval_metrics = None
-      if (config.eval_every_steps and step % config.eval_every_steps == 0
-          ) or is_last:
+      if (config.eval_every_steps > 0 and step % config.eval_every_steps == 0
+          ) or (is_last and config.eval_every_steps >= 0):
         summary = evaluate.evaluate_split(
             config, model, state.variables(), config.dataset.val_split,
             mesh=mesh)

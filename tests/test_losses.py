@@ -149,8 +149,8 @@ def _features(config_fn):
   size = tc.IMAGE_SIZES[0]
   model = create_model(config_fn())
   x = jax.random.normal(jax.random.key(0), (tc.BATCH, size, size, 1))
-  variables = model.init(jax.random.key(0), x)
-  return model.apply(variables, x)
+  variables = tc.init_variables(model, size)
+  return jax.jit(model.apply)(variables, x)
 
 
 def test_selfreg_loss_unet_structure():
@@ -244,7 +244,7 @@ def test_loss_and_grad_jit_without_retracing(config_fn):
   size = tc.IMAGE_SIZES[0]
   model = create_model(config_fn())
   x = jax.random.normal(jax.random.key(0), (tc.BATCH, size, size, 1))
-  variables = model.init(jax.random.key(0), x)
+  variables = tc.init_variables(model, size)
   config = _loss_config()
   traces = []
 

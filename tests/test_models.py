@@ -1,5 +1,7 @@
 """Model shapes, parameter counts, train/eval behaviour and jit stability."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +13,13 @@ from selfreg_jax.models.unet import align_corners_matrix
 
 
 def _init(model, image_size, channels=1):
-  x = jnp.zeros((tc.BATCH, image_size, image_size, channels))
-  return model.init({'params': jax.random.key(0),
-                     'dropout': jax.random.key(1)}, x)
+  return tc.init_variables(model, image_size, channels)
+
+
+def _apply(model, variables, x, rngs=None, **static):
+  """model.apply, jit-compiled (eager Flax runs op by op: slow on XLA:CPU)."""
+  return jax.jit(functools.partial(model.apply, **static))(variables, x,
+                                                           rngs=rngs)
 
 
 def _images(image_size, seed=0, batch=tc.BATCH):
@@ -30,7 +36,7 @@ def test_unet_output_and_tap_shapes(size):
   config = tc.tiny_unet()
   model = create_model(config)
   variables = _init(model, size)
-  logits, features = model.apply(variables, _images(size))
+  logits, features = _apply(model, variables, _images(size))
   b, w = tc.BATCH, config.widths
   assert logits.shape == (b, size, size, config.num_classes)
   assert isinstance(features, Features)
@@ -49,7 +55,7 @@ def test_swin_output_and_tap_shapes(size):
   config = tc.tiny_swin(size)
   model = create_model(config)
   variables = _init(model, size)
-  logits, features = model.apply(variables, _images(size))
+  logits, features = _apply(model, variables, _images(size))
   b, c, p = tc.BATCH, config.embed_dim, config.patch_size
   assert logits.shape == (b, size, size, config.num_classes)
   encoder = [(b, size // p // 2**i, size // p // 2**i, c * 2**i)
@@ -68,7 +74,7 @@ def test_swin_output_and_tap_shapes(size):
 def test_unet_handles_odd_sizes_like_pytorch_unet():
   model = create_model(tc.tiny_unet())
   size = tc.IMAGE_SIZES[0] + 2  # not divisible by 16: upsampled maps get padded
-  logits, features = model.apply(_init(model, size), _images(size))
+  logits, features = _apply(model, _init(model, size), _images(size))
   assert logits.shape[1:3] == (size, size)
   assert features.final.shape[1:3] == (size, size)
 
@@ -101,7 +107,7 @@ def test_swin_rejects_input_of_wrong_size():
   model = create_model(tc.tiny_swin(size))
   variables = _init(model, size)
   with pytest.raises(ValueError, match='expects'):
-    model.apply(variables, _images(tc.IMAGE_SIZES[1]))
+    _apply(model, variables, _images(tc.IMAGE_SIZES[1]))
 
 
 def test_registry_rejects_unknown_model_and_fields():
@@ -122,14 +128,14 @@ def test_batchnorm_uses_batch_stats_in_training_and_running_averages_in_eval():
   x = _images(size)
   other = x.at[1].set(_images(size, seed=5)[1])
   # Eval: sample 0 does not depend on the rest of the batch.
-  eval_a, _ = model.apply(variables, x)
-  eval_b, _ = model.apply(variables, other)
+  eval_a, _ = _apply(model, variables, x)
+  eval_b, _ = _apply(model, variables, other)
   np.testing.assert_allclose(eval_a[0], eval_b[0], atol=1e-6)
   # Training: batch statistics couple the samples and update running stats.
-  (train_a, _), updates = model.apply(variables, x, train=True,
-                                      mutable=['batch_stats'])
-  (train_b, _), _ = model.apply(variables, other, train=True,
-                                mutable=['batch_stats'])
+  (train_a, _), updates = _apply(model, variables, x, train=True,
+                                  mutable=('batch_stats',))
+  (train_b, _), _ = _apply(model, variables, other, train=True,
+                           mutable=('batch_stats',))
   assert not np.allclose(train_a[0], train_b[0], atol=1e-4)
   before = jax.tree.leaves(variables['batch_stats'])
   after = jax.tree.leaves(updates['batch_stats'])
@@ -142,14 +148,14 @@ def test_swin_stochastic_depth_uses_dropout_rng_only_in_training():
   variables = _init(model, size)
   x = _images(size)
   # Eval needs no RNG and is deterministic.
-  np.testing.assert_array_equal(model.apply(variables, x)[0],
-                                model.apply(variables, x)[0])
+  np.testing.assert_array_equal(_apply(model, variables, x)[0],
+                                _apply(model, variables, x)[0])
   with pytest.raises(Exception, match='dropout'):
-    model.apply(variables, x, train=True)
-  out_a = model.apply(variables, x, train=True,
-                      rngs={'dropout': jax.random.key(1)})[0]
-  out_b = model.apply(variables, x, train=True,
-                      rngs={'dropout': jax.random.key(2)})[0]
+    _apply(model, variables, x, train=True)
+  out_a = _apply(model, variables, x, train=True,
+                 rngs={'dropout': jax.random.key(1)})[0]
+  out_b = _apply(model, variables, x, train=True,
+                 rngs={'dropout': jax.random.key(2)})[0]
   assert not np.allclose(out_a, out_b)
 
 
@@ -176,7 +182,7 @@ def test_bfloat16_compute_keeps_float32_params():
   model = create_model(tc.tiny_swin(size), dtype=jnp.bfloat16)
   variables = _init(model, size)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
-  logits, features = model.apply(variables, _images(size))
+  logits, features = _apply(model, variables, _images(size))
   assert logits.dtype == jnp.bfloat16 and features.final.dtype == jnp.bfloat16
 
 

@@ -128,6 +128,8 @@ def test_eight_devices_match_one_device(tiny_demo_data_dir, tmp_path, model):
     run = _run_main(_main_args(model, workdir, tiny_demo_data_dir,
                                '--config.num_train_steps=3', '--mode=train',
                                '--config.checkpoint_every_steps=1',
+                               '--config.image_summary_every_steps=0',
+                               '--config.eval_every_steps=-1',
                                '--config.keep_checkpoints=5',
                                '--config.optimizer.name=sgd',
                                '--config.optimizer.learning_rate=0.005',

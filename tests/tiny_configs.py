@@ -36,3 +36,13 @@ def full_swin() -> ml_collections.ConfigDict:
 # Parameter counts of the PyTorch reference models (DESIGN.md section 1).
 FULL_UNET_PARAMS = 17_262_345
 FULL_SWIN_PARAMS = 27_168_900
+
+
+def init_variables(model, image_size: int, channels: int = 1, batch: int = BATCH):
+  """Variables of `model` for (batch, S, S, channels) inputs (jit-compiled:
+  eager init of many small random draws is slow on XLA:CPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  x = jnp.zeros((batch, image_size, image_size, channels))
+  return jax.jit(model.init)({'params': jax.random.key(0),
+                              'dropout': jax.random.key(1)}, x)
