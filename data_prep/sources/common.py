@@ -133,6 +133,17 @@ def hold_out(ids: Sequence[str], held: int | Sequence[str], seed: int,
 # Reading files.
 
 
+def split_image_pairs(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]],
+                      split: str, held: int | Sequence[str], seed: int,
+                      what: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
+  """The (image, mask) pairs of `split` ('train' or 'validation') when the
+  validation images are held out of `pairs` by image stem (see hold_out)."""
+  kept, held_out = hold_out([image.stem for image, _ in pairs], held, seed,
+                            what)
+  chosen = set(held_out if split == 'validation' else kept)
+  return [pair for pair in pairs if pair[0].stem in chosen]
+
+
 def read_with(path: pathlib.Path, what: str,
               reader: Callable[[pathlib.Path], T]) -> T:
   """Runs `reader(path)`; a missing or undecodable file gets an error naming it.

@@ -73,11 +73,8 @@ def _release_split(src: pathlib.Path, split: str,
           f'test_parts {sorted(unknown)}: expected some of {TEST_PARTS}.')
     return [pair for pair in pairs if pair[0].stem.split('_')[0] in test_parts]
   train = [pair for pair in pairs if pair[0].stem.startswith('train_')]
-  kept, held = common.hold_out(
-      [image.stem for image, _ in train], val_cases, seed,
-      'GlaS validation images')
-  chosen = set(held if split == 'validation' else kept)
-  return [pair for pair in train if pair[0].stem in chosen]
+  return common.split_image_pairs(train, split, val_cases, seed,
+                                  'GlaS validation images')
 
 
 def generate_examples(src: pathlib.Path | str | None, split: str, *,

@@ -137,11 +137,8 @@ def _release_split(src: pathlib.Path, parts, split: str,
   pairs = common.pair_by_stem(*parts[part])
   if split == 'test':
     return pairs
-  kept, held = common.hold_out(
-      [image.stem for image, _ in pairs], val_cases, seed,
-      'MoNuSeg validation images')
-  chosen = set(held if split == 'validation' else kept)
-  return [pair for pair in pairs if pair[0].stem in chosen]
+  return common.split_image_pairs(pairs, split, val_cases, seed,
+                                  'MoNuSeg validation images')
 
 
 def generate_examples(src: pathlib.Path | str | None, split: str, *,
