@@ -73,8 +73,7 @@ def restore_variables(workdir: str | pathlib.Path, abstract_variables: Any,
   over all current devices, whatever devices the checkpoint was saved from.
   """
   replicated = jax.sharding.NamedSharding(
-      jax.make_mesh((jax.device_count(),), ('data',),
-                    axis_types=(jax.sharding.AxisType.Auto,)),
+      jax.sharding.Mesh(jax.devices(), ('devices',)),
       jax.sharding.PartitionSpec())
   abstract_variables = jax.tree.map(
       lambda x: x if getattr(x, 'sharding', None) is not None else

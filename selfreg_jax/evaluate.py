@@ -230,7 +230,7 @@ def evaluate_cases(config: ml_collections.ConfigDict, model, variables: Any,
     _write_text(out_dir / METRICS_FILE,
                 _per_case_csv(case_ids, case_metrics, names))
     _write_text(out_dir / SUMMARY_FILE,
-                json.dumps(_json_safe(summary), indent=2) + '\n')
+                json.dumps(json_safe(summary), indent=2) + '\n')
     _write_text(out_dir / TABLE_FILE, table + '\n')
   summary['table'] = table
   return summary
@@ -269,12 +269,6 @@ def evaluate_split(config: ml_collections.ConfigDict, model, variables: Any,
                         mesh=mesh, split=split, out_dir=out_dir, step=step)
 
 
-def make_data_mesh() -> jax.sharding.Mesh:
-  """A mesh over all devices with the one axis 'data'."""
-  return jax.make_mesh((jax.device_count(),), (inference.DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def abstract_variables(config: ml_collections.ConfigDict, model,
                        mesh: jax.sharding.Mesh) -> Any:
   """Shapes, dtypes and (replicated) shardings of the model's variables."""
@@ -308,7 +302,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
   split = split or config.eval.split
   which = str(config.eval.checkpoint if which is None else which)
   model = create_model(config.model, dtype=jnp.dtype(config.dtype))
-  mesh = make_data_mesh()
+  mesh = inference.data_mesh()
   variables, step = checkpoints.restore_variables(
       workdir, abstract_variables(config, model, mesh), which)
   out_dir = pathlib.Path(workdir) / EVAL_DIR / f'{split}_step{step}'
@@ -392,12 +386,12 @@ def _per_case_csv(case_ids: Sequence[str],
   return buffer.getvalue()
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
   """`value` with NaN floats replaced by None (JSON has no NaN)."""
   if isinstance(value, dict):
-    return {k: _json_safe(v) for k, v in value.items()}
+    return {k: json_safe(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
+    return [json_safe(v) for v in value]
   if isinstance(value, float) and math.isnan(value):
     return None
   return value
@@ -435,7 +429,7 @@ def render_overlay(case: PredictedCase, num_classes: int) -> np.ndarray:
   return np.round(np.concatenate(panels, axis=1) * 255).astype(np.uint8)
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+def write_atomic(path: pathlib.Path, data: bytes) -> None:
   """Writes `data` to a temporary file beside `path`, then renames it."""
   path.parent.mkdir(parents=True, exist_ok=True)
   handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
@@ -449,13 +443,13 @@ def _write_atomic(path: pathlib.Path, data: bytes) -> None:
 
 
 def _write_text(path: pathlib.Path, text: str) -> None:
-  _write_atomic(path, text.encode())
+  write_atomic(path, text.encode())
 
 
 def _write_png(path: pathlib.Path, rgb: np.ndarray) -> None:
   buffer = io.BytesIO()
   Image.fromarray(rgb).save(buffer, format='PNG')
-  _write_atomic(path, buffer.getvalue())
+  write_atomic(path, buffer.getvalue())
 
 
 def _write_nifti(path: pathlib.Path, prediction: np.ndarray,
@@ -465,4 +459,4 @@ def _write_nifti(path: pathlib.Path, prediction: np.ndarray,
   image = nib.Nifti1Image(np.transpose(prediction, (2, 1, 0)),
                           affine=np.diag([x, y, z, 1.0]))
   image.header.set_xyzt_units('mm')
-  _write_atomic(path, gzip.compress(image.to_bytes()))
+  write_atomic(path, gzip.compress(image.to_bytes()))

@@ -26,6 +26,16 @@ DATA_AXIS = 'data'
 _MAX_CLASSES = 256
 
 
+def data_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh over all devices (of all processes) with the axis 'data'.
+
+  Auto axis types: the Swin window reshapes need the sharding propagation of
+  Auto axes (Explicit axes, jax.make_mesh's default, reject them).
+  """
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def replicated_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   """Sharding that puts a full copy of an array on every device of `mesh`."""
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

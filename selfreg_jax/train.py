@@ -57,12 +57,6 @@ class NonFiniteLossError(FloatingPointError):
   """A loss part or the gradient norm became NaN or Inf."""
 
 
-def create_mesh() -> jax.sharding.Mesh:
-  """A 1D mesh 'data' over all devices, Auto axes (Swin's window reshapes)."""
-  return jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def learning_rate_schedule(config: ml_collections.ConfigDict,
                            steps_per_epoch: int,
                            total_steps: int) -> optax.Schedule:
@@ -244,10 +238,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if mode == 'eval':
     return evaluate.evaluate_checkpoint(config, str(workdir))
 
-  mesh = create_mesh()
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharding = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec('data'))
+  mesh = inference.data_mesh()
+  replicated = inference.replicated_sharding(mesh)
+  batch_sharding = inference.batch_sharding(mesh)
   model = create_model(config.model, dtype=jnp.dtype(config.dtype))
   epoch_steps = steps_per_epoch(config)
   total_steps = (config.num_train_steps if config.num_train_steps > 0

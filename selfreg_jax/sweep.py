@@ -1,0 +1,224 @@
+"""Grid sweeps: one run (workdir) per combination of config values.
+
+  python -m selfreg_jax.sweep --config configs/demo.py --workdir runs/sweep \
+      --grid loss.scr_weight=0,0.01 --grid loss.ifd_weight=0,0.01
+  python -m selfreg_jax.sweep --config configs/demo.py --workdir runs/sweep \
+      --grid loss.scr_weight=0,0.01 --print-commands
+
+The grid is `config.sweep` when the config has one, else the
+`--grid KEY=V1,V2,...` flags. `config.sweep` maps keys to lists of values,
+either nested like the config (`config.sweep = {'loss': {'scr_weight':
+[0.0, 0.01]}}`) or with dotted keys (`config.sweep = ml_collections.ConfigDict(
+{'loss.scr_weight': [0.0, 0.01]}, allow_dotted_keys=True)`); the --grid flags
+(values parsed as Python literals, anything else kept as a string). The
+points are the Cartesian product, keys in the given order. Point
+{a: 1, b: 2} runs in `ROOT/a=1,b=2` with `config.a = 1`, `config.b = 2`
+(and without `config.sweep`).
+
+The points run one after another in this process (train.train_and_evaluate,
+mode train_and_eval). The sweep is resumable: a point whose workdir already
+holds an evaluation summary (`eval/*/summary.json`) is skipped, and an
+interrupted point resumes from its last checkpoint. With --print-commands
+nothing runs: one `python main.py ...` line per point is printed (run from
+the repository root), e.g. for a cluster scheduler.
+"""
+
+import ast
+import copy
+import itertools
+import pathlib
+import shlex
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+
+from selfreg_jax import evaluate
+
+SWEEP_FIELD = 'sweep'
+Grid = dict[str, list[Any]]
+
+
+def parse_value(text: str) -> Any:
+  """'0.01' -> 0.01, 'True' -> True, '(1, 2)' -> (1, 2); else the string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_grid_flags(specs: Sequence[str]) -> Grid:
+  """['loss.scr_weight=0,0.01', ...] -> {'loss.scr_weight': [0, 0.01], ...}."""
+  grid = {}
+  for spec in specs:
+    key, sep, values = spec.partition('=')
+    if not sep or not key or not values:
+      raise ValueError(f'--grid {spec!r}: expected KEY=V1,V2,...')
+    if key in grid:
+      raise ValueError(f'--grid {spec!r}: key {key!r} given twice.')
+    grid[key] = [parse_value(v) for v in values.split(',')]
+  return grid
+
+
+def _flat_grid(node, prefix: str = '') -> Grid:
+  """Nested sections of value lists -> {dotted key: list of values}."""
+  grid = {}
+  for key, values in node.items():
+    if isinstance(values, (dict, ml_collections.ConfigDict)):
+      grid.update(_flat_grid(values, f'{prefix}{key}.'))
+    else:
+      is_list = isinstance(values, (list, tuple))
+      grid[f'{prefix}{key}'] = list(values) if is_list else [values]
+  return grid
+
+
+def config_grid(config: ml_collections.ConfigDict,
+                grid_flags: Sequence[str] = ()) -> Grid:
+  """The sweep grid: config.sweep if present, else the --grid flags."""
+  sweep = config.get(SWEEP_FIELD)
+  if sweep is not None:
+    if grid_flags:
+      raise ValueError('Both config.sweep and --grid are given; use one.')
+    grid = _flat_grid(sweep)
+  else:
+    grid = parse_grid_flags(grid_flags)
+  if not grid:
+    raise ValueError('No sweep grid: set config.sweep or pass --grid '
+                     'KEY=V1,V2,...')
+  for key, values in grid.items():
+    if not values:
+      raise ValueError(f'Sweep key {key!r} has no values.')
+  return grid
+
+
+def grid_points(grid: Grid) -> list[dict[str, Any]]:
+  """The Cartesian product of the grid, as {key: value} dicts."""
+  keys = list(grid)
+  return [dict(zip(keys, values))
+          for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def point_name(point: dict[str, Any]) -> str:
+  """{'loss.scr_weight': 0.01} -> 'loss.scr_weight=0.01' (the run folder)."""
+  name = ','.join(f'{key}={value}' for key, value in point.items())
+  if '/' in name or name.startswith('.'):
+    raise ValueError(f'Sweep point {point} gives the folder name {name!r}; '
+                     "values must not contain '/'.")
+  return name
+
+
+def point_config(config: ml_collections.ConfigDict,
+                 point: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with the point's values set, without config.sweep."""
+  # Copied without the sweep: a deep copy of a ConfigDict with dotted keys
+  # fails in ml_collections.
+  result = copy.deepcopy(ml_collections.ConfigDict(
+      {key: config[key] for key in config.keys() if key != SWEEP_FIELD}))
+  for key, value in point.items():
+    *parents, leaf = key.split('.')
+    node = result
+    for i, part in enumerate(parents):
+      if part not in node or not isinstance(node[part],
+                                            ml_collections.ConfigDict):
+        raise ValueError(f'Sweep key {key!r}: config has no section '
+                         f'{".".join(parents[:i + 1])!r}.')
+      node = node[part]
+    if leaf not in node:
+      raise ValueError(f'Sweep key {key!r}: config has no field {leaf!r}.')
+    if isinstance(node[leaf], float) and isinstance(value, int):
+      value = float(value)
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ValueError(f'Sweep key {key!r}: cannot set {value!r}: {e}') from e
+  return result
+
+
+def is_done(workdir: str | pathlib.Path) -> bool:
+  """Whether a run folder holds an evaluation summary."""
+  return any(pathlib.Path(workdir).glob(
+      f'{evaluate.EVAL_DIR}/*/{evaluate.SUMMARY_FILE}'))
+
+
+def run_sweep(config: ml_collections.ConfigDict, root: str | pathlib.Path,
+              grid: Grid) -> dict[str, str]:
+  """Trains and evaluates every point not done yet.
+
+  Returns {point folder name: 'trained' or 'skipped'}.
+  """
+  from selfreg_jax import train  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(root)
+  points = grid_points(grid)
+  configs = {point_name(p): point_config(config, p) for p in points}
+  status = {}
+  for i, (name, run_config) in enumerate(configs.items()):
+    workdir = root / name
+    if is_done(workdir):
+      logging.info('Sweep point %d/%d %s: evaluated already, skipped.', i + 1,
+                   len(points), name)
+      status[name] = 'skipped'
+      continue
+    logging.info('Sweep point %d/%d: %s', i + 1, len(points), name)
+    train.train_and_evaluate(run_config, str(workdir), 'train_and_eval')
+    status[name] = 'trained'
+  return status
+
+
+def point_commands(config_arg: str, overrides: dict[str, Any],
+                   root: str | pathlib.Path, grid: Grid) -> list[str]:
+  """One `python main.py` command line per point.
+
+  config_arg: the --config value (file, with ':param' if any); overrides:
+  the dotted --config.* overrides of the sweep command, repeated in each.
+  """
+  commands = []
+  for point in grid_points(grid):
+    args = ['python', 'main.py', f'--config={config_arg}',
+            f'--workdir={pathlib.Path(root) / point_name(point)}']
+    settings = dict(overrides)
+    settings.update(point)
+    args += [f'--config.{key}={value}' for key, value in settings.items()]
+    commands.append(shlex.join(args))
+  return commands
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = FLAGS.config
+  grid = config_grid(config, FLAGS.grid)
+  if FLAGS['print-commands'].value:
+    overrides = config_flags.get_override_values(FLAGS['config'])
+    flat = {}
+
+    def flatten(prefix, node):
+      for key, value in node.items():
+        if isinstance(value, dict):
+          flatten(f'{prefix}{key}.', value)
+        else:
+          flat[f'{prefix}{key}'] = value
+    flatten('', overrides)
+    print('\n'.join(point_commands(
+        config_flags.get_config_filename(FLAGS['config']), flat,
+        FLAGS.workdir, grid)))
+    return
+  status = run_sweep(config, FLAGS.workdir, grid)
+  logging.info('Sweep done: %s', status)
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Sweep root: one folder per point.')
+  flags.DEFINE_multi_string('grid', [], 'KEY=V1,V2,... (when the config has '
+                            'no sweep field); repeat for more keys.')
+  flags.DEFINE_bool('print-commands', False, 'Print one main.py command per '
+                    'point instead of running them.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
