@@ -18,6 +18,7 @@ from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 import flax.struct
+import grain
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -25,7 +26,6 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import grain
 
 from selfreg_jax import checkpoints
 from selfreg_jax import configuration
@@ -33,6 +33,7 @@ from selfreg_jax import evaluate
 from selfreg_jax import inference
 from selfreg_jax import input_pipeline
 from selfreg_jax import losses
+from selfreg_jax import pretrained
 from selfreg_jax import visualize
 from selfreg_jax.models import create_model
 
@@ -265,7 +266,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     state = init_fn(init_key)
     if config.init.pretrained:
-      from selfreg_jax import pretrained  # pylint: disable=g-import-not-at-top
       variables, report = pretrained.load_swin_imagenet(
           config.init.pretrained, state.variables(), config.model)
       logging.info('Pretrained init:\n%s', pretrained.format_report(report))
