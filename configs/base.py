@@ -83,6 +83,9 @@ def get_config(dataset: str = 'demo', model: str = 'unet'
   ))
 
   config.batch_size = 24        # global batch over all devices and processes
+  # Training batches held on the devices, transferred ahead of the steps
+  # using them (1 = each batch transferred just before its step).
+  config.prefetch_to_device = 2
   config.num_epochs = 150
   config.num_train_steps = -1   # > 0 overrides num_epochs
 

@@ -18,9 +18,9 @@ CHOICES = {
     'dtype': ('float32', 'bfloat16'),
     'eval.metric_mode': ('paper', 'standard'),
 }
-POSITIVE = ('batch_size', 'dataset.image_size', 'dataset.in_channels',
-            'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-            'eval.batch_size', 'optimizer.learning_rate')
+POSITIVE = ('batch_size', 'prefetch_to_device', 'dataset.image_size',
+            'dataset.in_channels', 'log_every_steps', 'checkpoint_every_steps',
+            'keep_checkpoints', 'eval.batch_size', 'optimizer.learning_rate')
 NON_NEGATIVE = ('loss.ce_weight', 'loss.dice_weight', 'loss.scr_weight',
                 'loss.ifd_weight', 'optimizer.weight_decay',
                 'optimizer.grad_clip_norm', 'dataset.num_workers',

@@ -188,8 +188,9 @@ def _predict_chunks(predict_fn, variables: Any,
     padding = np.zeros((batch_size - count,) + chunk.shape[1:], chunk.dtype)
     batch = np.concatenate([chunk, padding]) if len(padding) else chunk
     pending.append((predict_fn(variables, batch), count))
-  return np.concatenate(
-      [np.asarray(predictions)[:count] for predictions, count in pending])
+  fetched = jax.device_get([predictions for predictions, _ in pending])
+  return np.concatenate([predictions[:count] for predictions, (_, count)
+                         in zip(fetched, pending)])
 
 
 def _chunks(count: int, batch_size: int) -> Iterator[range]:

@@ -11,10 +11,14 @@ is (optionally) augmented as in DESIGN.md section 3 and resized to
 per-record generators, so the stream depends only on the seed and the
 process index (not on the number of worker processes) and the iterator's
 state (`get_state()` / `set_state()`) resumes it exactly.
+`prefetch_to_device` puts batches on the devices ahead of the steps using
+them, keeping that exactness.
 
 Evaluation (`iterate_cases`): whole cases rebuilt from their slices.
 """
 
+import collections
+import copy
 import dataclasses
 import pathlib
 import re
@@ -301,6 +305,81 @@ def create_train_loader(config: ml_collections.ConfigDict, *,
       process_count=process_count,
       num_workers=config.dataset.num_workers)
   return iter(dataset)
+
+
+class _DevicePrefetchIterator(grain.DatasetIterator):
+  """Batches of a host iterator as global jax.Arrays, transferred early.
+
+  Each buffered batch is kept with the parent's state recorded just before
+  the batch was read, so `get_state()` names the first batch not yet
+  returned, however far the parent has run ahead.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, size: int,
+               sharding: jax.sharding.Sharding):
+    super().__init__(parent)
+    self._size = size
+    self._sharding = sharding
+    # (parent state before the batch, the batch on the devices), oldest first.
+    self._buffer = collections.deque()
+
+  def _transfer(self, local_batch: Any) -> Any:
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self._sharding, x),
+        local_batch)
+
+  def __next__(self) -> Any:
+    while len(self._buffer) < self._size:
+      state = copy.deepcopy(self._parent.get_state())
+      try:
+        local_batch = next(self._parent)
+      except StopIteration:
+        break
+      self._buffer.append((state, self._transfer(local_batch)))
+    if not self._buffer:
+      raise StopIteration
+    return self._buffer.popleft()[1]
+
+  def get_state(self) -> dict[str, Any]:
+    if self._buffer:
+      return copy.deepcopy(self._buffer[0][0])
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._buffer.clear()
+    self._parent.set_state(state)
+
+
+def prefetch_to_device(iterator: grain.DatasetIterator, size: int,
+                       sharding: jax.sharding.Sharding
+                       ) -> grain.DatasetIterator:
+  """Puts the batches of `iterator` on the devices `size` - 1 batches ahead.
+
+  Every leaf of a batch is this process's part of a global array split by
+  `sharding` (`jax.make_array_from_process_local_data`, an explicit
+  transfer). Asking for a batch first tops the buffer up to `size` batches
+  (reading and transferring them), then returns the oldest: with size 2,
+  the next batch's transfer starts before the current batch's step is
+  dispatched, while earlier steps still run; with size 1, each batch is
+  transferred when asked for.
+
+  Args:
+    iterator: a grain iterator of host batches (pytrees of NumPy arrays),
+      e.g. from `create_train_loader`.
+    size: batches held on the devices, >= 1.
+    sharding: where the global batch lives (e.g. split over the mesh axis
+      'data').
+
+  Returns:
+    A grain iterator of the same batches as jax.Arrays. Its `get_state()` is
+    the state of `iterator` just before the first batch not yet returned,
+    so a checkpoint of it (e.g. `grain.checkpoint.CheckpointSave`) resumes
+    at the batch the next step would have used; `set_state()` drops the
+    prefetched batches.
+  """
+  if size < 1:
+    raise ValueError(f'prefetch size must be >= 1, got {size}.')
+  return _DevicePrefetchIterator(iterator, size, sharding)
 
 
 # ----------------------------------------------------------------------------

@@ -2,9 +2,13 @@
 
 The batch is sharded over the mesh axis 'data' (every device of every
 process); parameters, BatchNorm statistics and optimizer state are
-replicated, so BatchNorm sees the global batch. Checkpoints (orbax), logs
-(CLU: TensorBoard event files + console) and validation live in the workdir;
-a run resumes from its last checkpoint, data order and random keys included.
+replicated, so BatchNorm sees the global batch. Batches are transferred to
+the devices ahead of their steps (config.prefetch_to_device); the loop reads
+each step's metrics while the next step runs, so the host never waits for
+the devices between steps except to log, validate or save. Checkpoints
+(orbax), logs (CLU: TensorBoard event files + console) and validation live
+in the workdir; a run resumes from its last checkpoint, data order and
+random keys included.
 """
 
 import functools
@@ -134,6 +138,31 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx,
                        batch_stats=batch_stats, opt_state=opt_state), metrics
 
 
+def jit_train_step(model, tx: optax.GradientTransformation,
+                   schedule: optax.Schedule, loss_config: dict[str, Any],
+                   base_key: jax.Array, mesh: jax.sharding.Mesh):
+  """The training loop's step: `train_step` jit-compiled over `mesh`.
+
+  Returns:
+    step(state, batch) -> (state, metrics). The state is replicated and
+    donated (its buffers are reused for the new state); the batch is split
+    along axis 0 over the mesh axis 'data'. The metrics are `train_step`'s
+    plus learning_rate, the rate this step applied; all stay on the devices
+    until read.
+  """
+  replicated = inference.replicated_sharding(mesh)
+
+  def step_with_learning_rate(state, batch):
+    new_state, metrics = train_step(state, batch, model=model, tx=tx,
+                                    loss_config=loss_config,
+                                    base_key=base_key)
+    return new_state, dict(metrics, learning_rate=schedule(state.step))
+
+  return jax.jit(step_with_learning_rate,
+                 in_shardings=(replicated, inference.batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
 def check_finite(step: int, metrics: dict[str, float]) -> None:
   bad = sorted(name for name, value in metrics.items()
                if not np.isfinite(value))
@@ -185,8 +214,9 @@ def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
   return max(1, num_slices // config.batch_size)
 
 
-def _save(manager, state: TrainState, iterator, config, metrics=None):
-  manager.save(int(state.step), args=ocp.args.Composite(
+def _save(manager, step: int, state: TrainState, iterator, config,
+          metrics=None):
+  manager.save(step, args=ocp.args.Composite(
       variables=ocp.args.StandardSave(state.variables()),
       train=ocp.args.StandardSave({'step': state.step,
                                    'opt_state': state.opt_state}),
@@ -207,17 +237,34 @@ def _restore(manager, abstract: TrainState, iterator) -> TrainState:
                     opt_state=train['opt_state'])
 
 
-def _summary_images(predict_local, variables, batch) -> np.ndarray:
-  """(N, S, 3S, 3) [input | prediction | truth] strips of a local batch.
+@functools.lru_cache(maxsize=8)
+def _summary_predictor(model):
+  """Jit-compiled class maps of the first IMAGES_PER_SUMMARY images.
 
-  Runs on this process's first device only (no collective), so processes
-  need not agree on the images.
+  Cached per model, so later runs in the same process reuse its compilation.
   """
-  local_variables = jax.tree.map(lambda x: x.addressable_data(0), variables)
-  images = batch['image'][:IMAGES_PER_SUMMARY]
-  predictions = np.asarray(predict_local(local_variables, images))
+
+  def predict_summary_images(variables, images):
+    return inference.predictions(
+        model.apply(variables, images[:IMAGES_PER_SUMMARY])[0])
+
+  return jax.jit(predict_summary_images)
+
+
+def _summary_images(model, variables, batch) -> np.ndarray:
+  """(N, S, 3S, 3) [input | prediction | truth] strips of a training batch.
+
+  Shows the first N = min(IMAGES_PER_SUMMARY, per-device batch) images of
+  the part of the global `batch` on this process's first device, predicted
+  there (no collective), so processes need not agree on the images.
+  """
+  local_variables, local_batch = jax.tree.map(
+      lambda x: x.addressable_data(0), (variables, batch))
+  images, labels, predictions = jax.device_get(
+      (local_batch['image'], local_batch['label'],
+       _summary_predictor(model)(local_variables, local_batch['image'])))
   return np.stack([visualize.comparison_strip(i, p, t) for i, p, t in zip(
-      images, predictions, batch['label'][:IMAGES_PER_SUMMARY])])
+      images[:IMAGES_PER_SUMMARY], predictions, labels)])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -252,17 +299,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   init_fn = jax.jit(functools.partial(initial_state, model, tx, config),
                     out_shardings=replicated)
-  iterator = input_pipeline.create_train_loader(config)
+  batches = input_pipeline.prefetch_to_device(
+      input_pipeline.create_train_loader(config), config.prefetch_to_device,
+      batch_sharding)
   manager = checkpoints.create_manager(workdir,
                                        keep_last=config.keep_checkpoints)
-  if manager.latest_step() is not None:
+  resume_step = manager.latest_step()
+  first_step = 0 if resume_step is None else resume_step
+  if resume_step is not None:
     abstract = jax.eval_shape(init_fn, init_key)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         abstract)
-    state = _restore(manager, abstract, iterator)
-    logging.info('Resumed from %s at step %d.', manager.directory,
-                 int(state.step))
+    state = _restore(manager, abstract, batches)
+    logging.info('Resumed from %s at step %d.', manager.directory, first_step)
   else:
     state = init_fn(init_key)
     if config.init.pretrained:
@@ -272,18 +322,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       state = state.replace(params=jax.device_put(variables['params'],
                                                   replicated))
 
-  loss_config = dict(config.loss)
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx,
-                        loss_config=loss_config, base_key=base_key),
-      in_shardings=(replicated, batch_sharding),
-      out_shardings=(replicated, replicated), donate_argnums=0)
-  predict_local = jax.jit(lambda variables, images: inference.predictions(
-      model.apply(variables, images)[0]))
-
+  step_fn = jit_train_step(model, tx, schedule, dict(config.loss), base_key,
+                           mesh)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
-  first_step = int(state.step)
   if first_step == 0:
     writer.write_hparams(_flat_hparams(config))
   report_progress = periodic_actions.ReportProgress(
@@ -299,10 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     step = first_step
     while step < total_steps:
-      local_batch = next(iterator)
-      batch = jax.tree.map(
-          lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
-          local_batch)
+      batch = next(batches)
       state, metrics = step_fn(state, batch)
       # Read the previous step's metrics while this one runs.
       if pending is not None:
@@ -318,7 +357,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         scalars = {f'train/{k}': float(np.mean([m[k] for m in interval_metrics]))
                    for k in interval_metrics[0]}
         elapsed = time.time() - interval_start
-        scalars['train/learning_rate'] = float(schedule(step - 1))
+        # The rate of the interval's last step, not the interval's mean.
+        scalars['train/learning_rate'] = interval_metrics[-1]['learning_rate']
         scalars['train/steps_per_sec'] = len(interval_metrics) / elapsed
         writer.write_scalars(step, scalars)
         logging.info('step %d/%d  loss %.4f  ce %.4f  dice %.4f  scr %.4f  '
@@ -331,9 +371,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if (config.image_summary_every_steps
           and step % config.image_summary_every_steps == 0):
         writer.write_images(step, {'train/input_prediction_truth':
-                                   _summary_images(predict_local,
-                                                   state.variables(),
-                                                   local_batch)})
+                                   _summary_images(model, state.variables(),
+                                                   batch)})
 
       eval_metrics = None
       if (config.eval_every_steps > 0 and step % config.eval_every_steps == 0
@@ -353,7 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       preempted = preemption.reached(step)
       if (eval_metrics is not None or is_last or stop_early or preempted
           or step % config.checkpoint_every_steps == 0):
-        _save(manager, state, iterator, config, eval_metrics)
+        _save(manager, step, state, batches, config, eval_metrics)
       if preempted:
         logging.warning('Pre-empted (SIGTERM) at step %d: checkpoint saved, '
                         'exiting; rerun the same command to resume.', step)
@@ -368,6 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   finally:
     manager.wait_until_finished()
     manager.close()
+    batches.close()
     preemption.close()
     writer.flush()
   if mode == 'train':

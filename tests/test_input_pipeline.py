@@ -3,6 +3,7 @@
 import json
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -11,6 +12,7 @@ from scipy import ndimage
 
 from data_prep import build
 from data_prep import demo
+from selfreg_jax import inference
 from selfreg_jax import input_pipeline
 
 # Tiny demo set with square slices of SLICE_SIZE px (so an image_size of
@@ -150,6 +152,64 @@ def test_worker_processes_give_the_same_stream_and_resume(data_dir):
     assert_batches_equal(take(resumed, NUM_BATCHES), in_process[NUM_BATCHES:])
   finally:
     resumed.close()
+
+
+def _batch_sharding():
+  return inference.batch_sharding(inference.data_mesh())
+
+
+def test_prefetch_to_device_gives_the_batches_as_sharded_arrays(data_dir):
+  config = make_config(data_dir)
+  expected = take(input_pipeline.create_train_loader(config), NUM_BATCHES)
+  sharding = _batch_sharding()
+  prefetched = take(input_pipeline.prefetch_to_device(
+      input_pipeline.create_train_loader(config), 2, sharding), NUM_BATCHES)
+  for batch in prefetched:
+    for array in batch.values():
+      assert isinstance(array, jax.Array) and array.sharding == sharding
+  assert_batches_equal(jax.device_get(prefetched), expected)
+
+
+@pytest.mark.parametrize('size', [1, NUM_BATCHES])
+def test_prefetched_iterator_checkpoint_resumes_at_the_first_unused_batch(
+    data_dir, tmp_path, size):
+  config = make_config(data_dir)
+  loader = input_pipeline.create_train_loader(config)
+  prefetched = input_pipeline.prefetch_to_device(loader, size,
+                                                 _batch_sharding())
+  take(prefetched, NUM_BATCHES)
+  # The loader has read size - 1 batches that no caller has seen yet.
+  assert (loader.get_state() == prefetched.get_state()) == (size == 1)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    manager.save(NUM_BATCHES, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointSave(prefetched)))
+    manager.wait_until_finished()
+  expected = take(prefetched, NUM_BATCHES)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    restored = manager.restore(
+        manager.latest_step(), args=ocp.args.Composite(
+            data=grain.checkpoint.CheckpointRestore(
+                input_pipeline.prefetch_to_device(
+                    input_pipeline.create_train_loader(config), size,
+                    _batch_sharding()))))
+  assert_batches_equal(jax.device_get(take(restored.data, NUM_BATCHES)),
+                       jax.device_get(expected))
+
+
+def test_prefetch_to_device_ends_with_its_iterator():
+  count = 5
+  finite = iter(grain.MapDataset.range(count).map(
+      lambda i: {'x': np.full((2,), i)}).to_iter_dataset())
+  batches = list(input_pipeline.prefetch_to_device(finite, 2,
+                                                   _batch_sharding()))
+  assert [int(b['x'][0]) for b in batches] == list(range(count))
+
+
+def test_prefetch_to_device_needs_a_positive_size(data_dir):
+  with pytest.raises(ValueError, match='prefetch size must be >= 1, got 0'):
+    input_pipeline.prefetch_to_device(
+        input_pipeline.create_train_loader(make_config(data_dir)), 0,
+        _batch_sharding())
 
 
 def _blob_records(num_records, height, width, threshold, rgb):
