@@ -1,30 +1,28 @@
-"""Throughput of the training input pipeline on Synapse-sized slices.
+"""Suite `input_pipeline`: throughput of the training input pipeline.
 
 Builds a demo (phantom) data set with 512x512 float32 slices, the size of the
-Synapse CT slices, and measures the slices per second that
-`create_train_loader` delivers at 224x224 with augmentation on, for several
-numbers of grain worker processes. Also reports the raw read rate of the
-ArrayRecord source (decoding only) for comparison.
-
-  python -m benchmarks.input_pipeline_bench [--smoke] [--out result.json]
-
---smoke uses 64x64 slices resized to 32 and a few batches: a quick check that
-the benchmark runs, not a measurement.
+Synapse CT slices, in a temporary folder and measures the slices per second
+that `create_train_loader` delivers at 224x224 with augmentation on, for
+0, 1 and 2 grain worker processes, after the first batch (whose wait is
+reported as the start-up time). Also reports the raw read rate of the
+ArrayRecord source (decoding only) for comparison. With --smoke: 64x64
+slices resized to 32 and a few batches.
 """
 
-import argparse
-import json
-import os
 import pathlib
-import sys
 import tempfile
 import time
+from typing import Any, Iterator, Sequence
 
 import ml_collections
 
+from benchmarks import settings as settings_lib
 from data_prep import build
 from data_prep import demo
 from selfreg_jax import input_pipeline
+
+SUITE = 'input_pipeline'
+WORKER_COUNTS = (0, 1, 2)
 
 # (slice size in, image size out, train cases, slices per case, batch size,
 #  timed batches) of the full and the smoke run.
@@ -82,53 +80,30 @@ def measure_reads(config: ml_collections.ConfigDict) -> float:
   return len(source) / (time.perf_counter() - start)
 
 
-def run(setting: dict, data_dir: pathlib.Path,
-        workers: list[int]) -> dict:
-  _build(data_dir, setting)
-  results = {'setting': setting, 'cpu_count': os.cpu_count(), 'loaders': []}
-  results['read_slices_per_s'] = measure_reads(_config(data_dir, setting, 0))
-  for num_workers in workers:
-    measured = measure_loader(_config(data_dir, setting, num_workers),
-                              setting['batches'])
-    results['loaders'].append({'num_workers': num_workers, **measured})
-  return results
-
-
-def print_table(results: dict) -> None:
-  s = results['setting']
-  print(f"\nTraining pipeline, {s['slice_size']}x{s['slice_size']} float32 "
-        f"-> {s['image_size']}x{s['image_size']}, augment on, batch "
-        f"{s['batch_size']}, {s['batches']} timed batches, "
-        f"{results['cpu_count']} CPUs")
-  print(f"{'workers':>8} {'startup s':>10} {'slices/s':>10} {'ms/slice':>10}")
-  for row in results['loaders']:
-    print(f"{row['num_workers']:>8} {row['startup_s']:>10.2f} "
-          f"{row['slices_per_s']:>10.1f} {1000 / row['slices_per_s']:>10.2f}")
-  print(f"read + decode only: {results['read_slices_per_s']:.0f} slices/s")
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--smoke', action='store_true',
-                      help='tiny sizes, a few batches (checks it runs)')
-  parser.add_argument('--out', type=pathlib.Path,
-                      help='write the results as JSON here')
-  parser.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2],
-                      help='numbers of grain worker processes to time')
-  parser.add_argument('--data-dir', type=pathlib.Path,
-                      help='TFDS data dir to build into and reuse '
-                      '(default: a temporary one)')
-  args = parser.parse_args(argv)
-  setting = SMOKE if args.smoke else FULL
+def measurements(settings: settings_lib.Settings,
+                 earlier: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+  """The read rate, then one record per number of grain workers."""
+  del earlier  # independent of other suites
+  setting = SMOKE if settings.smoke else FULL
   with tempfile.TemporaryDirectory(prefix='input_pipeline_bench_') as tmp:
-    results = run(setting, args.data_dir or pathlib.Path(tmp), args.workers)
-  print_table(results)
-  if args.out:
-    partial = args.out.with_name(args.out.name + '.partial')
-    partial.write_text(json.dumps(results, indent=2))
-    partial.replace(args.out)
-  return 0
+    data_dir = pathlib.Path(tmp)
+    _build(data_dir, setting)
+    yield {'suite': SUITE, 'loader': 'read_only', **setting,
+           'slices_per_s': measure_reads(_config(data_dir, setting, 0))}
+    for num_workers in WORKER_COUNTS:
+      measured = measure_loader(_config(data_dir, setting, num_workers),
+                                setting['batches'])
+      yield {'suite': SUITE, 'loader': 'train', **setting,
+             'num_workers': num_workers, **measured}
 
 
-if __name__ == '__main__':
-  sys.exit(main())
+def summary_line(record: dict[str, Any]) -> str:
+  size_in, size_out = record['slice_size'], record['image_size']
+  if record['loader'] == 'read_only':
+    return (f"{size_in}x{size_in} float32 slices, read + decode only: "
+            f"{record['slices_per_s']:.0f} slices/s")
+  return (f"{size_in}x{size_in} float32 -> {size_out}x{size_out}, augment on, "
+          f"batch {record['batch_size']}, {record['num_workers']} workers: "
+          f"start-up {record['startup_s']:.2f} s, "
+          f"{record['slices_per_s']:.1f} slices/s over {record['batches']} "
+          f"batches")

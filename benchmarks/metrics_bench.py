@@ -7,25 +7,30 @@ border noise, some false-positive islands). Then times Dice + Jaccard + HD95
 + ASSD for every class with `multiclass_metrics` and with
 `full_volume_multiclass_metrics`, the unoptimised reference that computes as
 MedPy does: surfaces and Euclidean distance transforms over the whole volume,
-one pair of transforms for HD95 and another for ASSD. Prints both times, the
-speedup and the largest difference between the two results.
+one pair of transforms for HD95 and another for ASSD. Reports both times
+(ours: the median of several runs after a first one; the baseline: one run),
+the speedup and the largest difference between the two results.
+
+Suite `metrics` of `python -m benchmarks.run` (the 100x512x512 case with 8
+organs, or SMOKE_SHAPE with --smoke). Other cases:
 
   python -m benchmarks.metrics_bench [--depth 100 --size 512 --classes 8]
       [--mode paper] [--spacing 2.5 0.75 0.75] [--out results.json] [--smoke]
 """
 
 import argparse
-import json
 import math
-import os
-import tempfile
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
 
+from benchmarks import settings as settings_lib
+from benchmarks import timing
 from selfreg_jax import metrics
+
+SUITE = 'metrics'
 
 # Synapse-like organs: (centre, semi-axes) as fractions of (depth, size, size).
 ORGAN_SHAPES = (
@@ -39,7 +44,10 @@ ORGAN_SHAPES = (
     ((0.30, 0.42, 0.62), (0.20, 0.100, 0.100)),  # stomach
 )
 BORDER_NOISE = 0.25  # amplitude of the border noise, in squared radius units
+FULL_SHAPE = dict(depth=100, size=512, classes=8)
 SMOKE_SHAPE = dict(depth=8, size=48, classes=3)
+MODE = 'paper'
+SEED = 0
 
 
 def _wavy_field(rng: np.random.Generator, grids: Sequence[np.ndarray],
@@ -179,19 +187,21 @@ def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def run(depth: int, size: int, classes: int, mode: str,
         spacing: Optional[Sequence[float]], seed: int, repeats: int) -> Dict:
-  """Times both implementations on one synthetic case; returns a summary."""
+  """Times both implementations on one synthetic case; returns a summary.
+
+  Ours: the median of `repeats` runs after a first, untimed one. The
+  full-volume baseline: one run (it takes minutes at full size).
+  """
   pred, truth = synthetic_case(depth, size, classes, seed)
   num_classes = classes + 1
-  optimised_times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    ours = metrics.multiclass_metrics(pred, truth, num_classes, spacing, mode)
-    optimised_times.append(time.perf_counter() - start)
+  args = (pred, truth, num_classes, spacing, mode)
+  ours = metrics.multiclass_metrics(*args)
+  optimised_times = timing.run_times(metrics.multiclass_metrics, args,
+                                     runs=repeats, warmup=0)
   start = time.perf_counter()
-  reference = full_volume_multiclass_metrics(pred, truth, num_classes, spacing,
-                                             mode)
+  reference = full_volume_multiclass_metrics(*args)
   baseline_seconds = time.perf_counter() - start
-  optimised_seconds = min(optimised_times)
+  optimised_seconds = timing.median(optimised_times)
   return dict(
       shape=[depth, size, size],
       num_classes=num_classes,
@@ -213,31 +223,38 @@ def run(depth: int, size: int, classes: int, mode: str,
   )
 
 
-def _write_json(path: str, payload: Dict) -> None:
-  """Writes JSON through a temporary file in the same folder, then renames."""
-  folder = os.path.dirname(os.path.abspath(path))
-  handle, temp_path = tempfile.mkstemp(dir=folder, suffix='.tmp')
-  try:
-    with os.fdopen(handle, 'w') as f:
-      json.dump(payload, f, indent=2)
-    os.replace(temp_path, path)
-  except BaseException:
-    os.unlink(temp_path)
-    raise
+def measurements(settings: settings_lib.Settings,
+                 earlier: Sequence[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+  """The suite's one record: the full (or smoke) case, unit spacing."""
+  del earlier  # independent of other suites
+  shape = SMOKE_SHAPE if settings.smoke else FULL_SHAPE
+  yield {'suite': SUITE, **run(mode=MODE, spacing=None, seed=SEED,
+                               repeats=settings.runs, **shape)}
+
+
+def summary_line(summary: Dict[str, Any]) -> str:
+  return (f"case {summary['shape']}, {summary['num_classes']} classes, mode "
+          f"{summary['mode']}, spacing {summary['spacing']}: ours "
+          f"{summary['optimised_seconds']:.3f} s, full-volume baseline "
+          f"{summary['baseline_seconds']:.3f} s, speedup "
+          f"{summary['speedup']:.1f}x, max |diff| {summary['max_abs_diff']}, "
+          f"bit-identical {summary['bit_identical']}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--depth', type=int, default=100)
-  parser.add_argument('--size', type=int, default=512)
-  parser.add_argument('--classes', type=int, default=8,
+  parser.add_argument('--depth', type=int, default=FULL_SHAPE['depth'])
+  parser.add_argument('--size', type=int, default=FULL_SHAPE['size'])
+  parser.add_argument('--classes', type=int, default=FULL_SHAPE['classes'],
                       help='foreground organ classes (background excluded)')
-  parser.add_argument('--mode', choices=metrics.MODES, default='paper')
+  parser.add_argument('--mode', choices=metrics.MODES, default=MODE)
   parser.add_argument('--spacing', type=float, nargs=3, default=None,
                       help='voxel size (depth, height, width) in mm')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--repeats', type=int, default=3,
-                      help='runs of the optimised version (the best counts)')
+  parser.add_argument('--seed', type=int, default=SEED)
+  parser.add_argument('--repeats', type=int,
+                      default=settings_lib.TIMED_RUNS,
+                      help='timed runs of the optimised version (the median '
+                      'counts)')
   parser.add_argument('--out', default=None, help='write the summary as JSON')
   parser.add_argument('--smoke', action='store_true',
                       help=f'tiny case {SMOKE_SHAPE} (overrides the sizes)')
@@ -248,15 +265,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.error(f'depth, size and classes must be positive, got {shape}')
   summary = run(mode=args.mode, spacing=args.spacing, seed=args.seed,
                 repeats=args.repeats, **shape)
-  print(f"case {summary['shape']}, {shape['classes']} classes, mode "
-        f"{args.mode}, spacing {args.spacing}")
-  print(f"optimised : {summary['optimised_seconds']:.3f} s")
-  print(f"full-volume baseline: {summary['baseline_seconds']:.3f} s")
-  print(f"speedup   : {summary['speedup']:.1f}x")
-  print(f"max |diff|: {summary['max_abs_diff']}  bit-identical: "
-        f"{summary['bit_identical']}")
+  print(summary_line(summary))
   if args.out:
-    _write_json(args.out, summary)
+    timing.write_json(args.out, summary)
   return summary
 
 

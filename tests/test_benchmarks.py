@@ -1,25 +1,125 @@
-"""The model benchmark runs end to end in its tiny mode and writes valid JSON."""
+"""`python -m benchmarks.run` end to end in its smoke mode: the JSON it writes,
+what it prints, and --only."""
 
 import json
+import math
+import os
 import pathlib
 import subprocess
 import sys
 
+import jax
+import pytest
+
+from benchmarks import input_pipeline_bench
+from benchmarks import run as bench_run
+from benchmarks import settings
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The tiny UNet only: the tiny Swin-UNet's compiles would add over a minute.
+MODEL = 'unet'
+TIMES = {
+    'train_step': ('compile_s', 'median_s', 'images_per_s'),
+    'inference': ('first_call_s', 'median_s', 'slices_per_s'),
+    'selfreg_loss': ('compile_s', 'median_s', 'train_step_s',
+                     'share_of_train_step_pct'),
+    'metrics': ('optimised_seconds', 'baseline_seconds', 'speedup'),
+    'input_pipeline': ('slices_per_s',),
+}
 
 
-def test_model_bench_smoke_writes_json(tmp_path):
-  out = tmp_path / 'model_bench.json'
-  run = subprocess.run(
-      [sys.executable, '-m', 'benchmarks.model_bench', '--smoke',
-       '--models', 'unet', '--out', str(out)], cwd=ROOT, capture_output=True, text=True,
-      timeout=600)
-  assert run.returncode == 0, run.stderr[-3000:]
-  assert 'device cpu' in run.stdout
-  results = json.loads(out.read_text())
-  # The tiny UNet only: the tiny Swin's compiles would add two minutes.
-  assert [r['model'] for r in results['results']] == ['unet']
-  for result in results['results']:
-    for key in ('forward_s', 'train_step_selfreg_s', 'train_step_baseline_s'):
-      assert result[key] > 0
-  assert not list(tmp_path.glob('*.tmp'))
+def _reject_constant(name):
+  raise ValueError(f'{name} is not valid JSON')
+
+
+def run_smoke(tmp_path, *args) -> tuple[str, dict]:
+  """Runs the smoke benchmarks into tmp_path; (stdout, parsed JSON)."""
+  out = tmp_path / 'results.json'
+  completed = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.run', '--smoke', '--models', MODEL,
+       '--out', str(out), *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert list(tmp_path.iterdir()) == [out]  # no temporary file left behind
+  return completed.stdout, json.loads(out.read_text(),
+                                      parse_constant=_reject_constant)
+
+
+def assert_positive_finite(record, fields):
+  for field in fields:
+    assert math.isfinite(record[field]) and record[field] > 0, (field, record)
+
+
+def test_smoke_run_writes_every_suite(tmp_path):
+  stdout, results = run_smoke(tmp_path)
+  device = results['device']
+  assert device == {'platform': jax.devices()[0].platform,
+                    'device_kind': jax.devices()[0].device_kind,
+                    'count': jax.device_count()}
+  assert stdout.startswith(f"device: {device['platform']} "
+                           f"({device['device_kind']}) x{device['count']}")
+  assert results['jax_version'] == jax.__version__
+  assert results['host_cpu_count'] == os.cpu_count()
+  assert results['suites'] == list(bench_run.SUITES)
+  assert results['settings']['smoke'] is True
+  assert results['wall_s'] > 0
+  records = results['records']
+  assert list(dict.fromkeys(r['suite'] for r in records)) == list(
+      bench_run.SUITES)
+  by_suite = {name: [r for r in records if r['suite'] == name]
+              for name in bench_run.SUITES}
+  for name, fields in TIMES.items():
+    assert by_suite[name], name
+    assert f'[{name}]' in stdout
+    for record in by_suite[name]:
+      assert_positive_finite(record, fields)
+  # One readable line per measurement.
+  assert sum(line.startswith('  ') for line in stdout.splitlines()) == len(
+      records)
+
+  baseline, selfreg = by_suite['train_step']
+  for record in (baseline, selfreg):
+    assert (record['model'], record['batch'], record['dtype']) == (
+        MODEL, settings.SMOKE_BATCH, 'float32')
+    assert len(record['runs_s']) == settings.SMOKE_TIMED_RUNS
+    assert record['xla_memory']['total_bytes'] > 0
+    assert record['device_peak_bytes'] is None or record[
+        'device_peak_bytes'] > 0
+  assert (baseline['selfreg'], selfreg['selfreg']) == (False, True)
+  assert selfreg['selfreg_overhead_pct'] == pytest.approx(
+      100 * (selfreg['median_s'] / baseline['median_s'] - 1))
+
+  [loss] = by_suite['selfreg_loss']
+  assert loss['train_step_source'] == 'train_step suite'
+  assert loss['train_step_s'] == selfreg['median_s']
+
+  [metrics] = by_suite['metrics']
+  assert metrics['bit_identical'] is True
+
+  workers = [r.get('num_workers') for r in by_suite['input_pipeline']]
+  assert workers == [None, *input_pipeline_bench.WORKER_COUNTS]
+
+
+def test_only_restricts_suites_and_times_its_own_step(tmp_path):
+  only = ('selfreg_loss', 'metrics')
+  stdout, results = run_smoke(tmp_path, '--only', ','.join(only))
+  assert results['suites'] == list(only)
+  assert [r['suite'] for r in results['records']] == list(only)
+  assert '[train_step]' not in stdout
+  [loss] = results['records'][:1]
+  assert loss['train_step_source'] == 'timed here'
+  assert_positive_finite(loss, TIMES['selfreg_loss'])
+
+
+@pytest.mark.parametrize('flag, value', [
+    ('--only', 'train_step,nope'),
+    ('--models', 'resnet'),
+    ('--dtypes', 'float16'),
+    ('--batches', '4,0'),
+    ('--steps', '0'),
+])
+def test_bad_option_is_refused(flag, value, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    bench_run.parse_args([flag, value])
+  assert exit_info.value.code == 2
+  assert flag in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""Timing, memory and result-file helpers shared by the benchmark suites.
+
+Times are wall-clock seconds (`time.perf_counter`) of calls whose outputs
+are waited for (`jax.block_until_ready`); compilation is timed apart from the
+runs, and a run time is the median of several runs after warm-up.
+"""
+
+import json
+import os
+import pathlib
+import statistics
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+
+
+def device_summary() -> dict[str, Any]:
+  """The accelerator and host this process runs on."""
+  device = jax.devices()[0]
+  return {'platform': device.platform, 'device_kind': device.device_kind,
+          'count': jax.device_count()}
+
+
+def describe_device(device: dict[str, Any]) -> str:
+  return f"{device['platform']} ({device['device_kind']}) x{device['count']}"
+
+
+def compile_jitted(jitted, *args) -> tuple[Any, float]:
+  """(compiled executable, seconds to trace, lower and compile it)."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def run_times(fn: Callable[..., Any], args: Sequence[Any], *, runs: int,
+              warmup: int = 1,
+              next_args: Callable[[Any, Sequence[Any]], Sequence[Any]] | None
+              = None) -> list[float]:
+  """Seconds of each of `runs` calls `fn(*args)` after `warmup` untimed ones.
+
+  `next_args(output, args)` gives the arguments of the next call (e.g. the
+  new training state in place of a donated one); by default they repeat.
+  """
+  if runs < 1:
+    raise ValueError(f'runs must be >= 1, got {runs}.')
+  times = []
+  for index in range(warmup + runs):
+    start = time.perf_counter()
+    output = jax.block_until_ready(fn(*args))
+    if index >= warmup:
+      times.append(time.perf_counter() - start)
+    if next_args is not None:
+      args = next_args(output, args)
+  return times
+
+
+def median(times: Sequence[float]) -> float:
+  return statistics.median(times)
+
+
+def compiled_memory(compiled) -> dict[str, int] | None:
+  """XLA's memory plan of a compiled executable, in bytes (None if unknown).
+
+  total_bytes = temp + argument + output - alias: buffers that outputs reuse
+  from donated arguments (alias) count once.
+  """
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  memory = {
+      'temp_bytes': int(analysis.temp_size_in_bytes),
+      'argument_bytes': int(analysis.argument_size_in_bytes),
+      'output_bytes': int(analysis.output_size_in_bytes),
+      'alias_bytes': int(analysis.alias_size_in_bytes),
+  }
+  memory['total_bytes'] = (memory['temp_bytes'] + memory['argument_bytes']
+                           + memory['output_bytes'] - memory['alias_bytes'])
+  return memory
+
+
+def device_peak_bytes() -> int | None:
+  """Peak bytes in use on device 0 so far in this process (None where the
+  backend keeps no statistics, as on CPU). The peak never decreases, so it
+  bounds the largest measurement run so far."""
+  stats = jax.devices()[0].memory_stats()
+  if not stats or 'peak_bytes_in_use' not in stats:
+    return None
+  return int(stats['peak_bytes_in_use'])
+
+
+def format_bytes(count: int | None) -> str:
+  return 'n/a' if count is None else f'{count / 2**20:.1f} MiB'
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+  """Writes `payload` as JSON through a temporary file beside `path`, then
+  renames it over `path`, so that no half-written file is ever left."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  handle, temp_path = tempfile.mkstemp(dir=path.parent, prefix=path.name,
+                                       suffix='.tmp')
+  try:
+    with os.fdopen(handle, 'w') as f:
+      json.dump(payload, f, indent=2)
+    os.replace(temp_path, path)
+  except BaseException:
+    os.unlink(temp_path)
+    raise

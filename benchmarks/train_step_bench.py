@@ -1,0 +1,74 @@
+"""Suite `train_step`: the jit-compiled training step, with and without SelfReg.
+
+For every model, dtype and batch size: `selfreg_jax.train.train_step` jitted
+as the training loop does (state donated), on a synthetic batch, on the
+default device. Records the
+compile time, the median step time, images/s, XLA's memory plan and, where
+the device keeps statistics, its peak bytes in use; the SelfReg record adds
+its overhead over the baseline step of the same model, batch and dtype.
+"""
+
+import functools
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import model_setup
+from benchmarks import settings as settings_lib
+from benchmarks import timing
+from selfreg_jax import train
+
+SUITE = 'train_step'
+STEP_KEY_SEED = 2
+
+
+def measure_step(name: str, batch_size: int, dtype: str, selfreg: bool,
+                 settings: settings_lib.Settings) -> dict[str, Any]:
+  """One record: the train step of `name` at `batch_size` in `dtype`."""
+  setup = model_setup.model_setup(name, dtype, settings.smoke)
+  step = jax.jit(functools.partial(
+      train.train_step, model=setup.model, tx=setup.tx,
+      loss_config=dict(setup.config.loss, use_selfreg=selfreg),
+      base_key=jax.random.key(STEP_KEY_SEED)), donate_argnums=0)
+  batch = model_setup.synthetic_batch(setup.config, batch_size)
+  state = jax.tree.map(jnp.copy, setup.state)  # the step donates its state
+  compiled, compile_s = timing.compile_jitted(step, state, batch)
+  times = timing.run_times(compiled, (state, batch), runs=settings.runs,
+                           next_args=lambda output, args: (output[0], args[1]))
+  step_s = timing.median(times)
+  return {'suite': SUITE, **model_setup.describe(setup.config),
+          'batch': batch_size, 'selfreg': selfreg, 'compile_s': compile_s,
+          'median_s': step_s, 'runs_s': times,
+          'images_per_s': batch_size / step_s,
+          'xla_memory': timing.compiled_memory(compiled),
+          'device_peak_bytes': timing.device_peak_bytes()}
+
+
+def measurements(settings: settings_lib.Settings,
+                 earlier: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+  """Baseline then SelfReg step for every model, dtype and batch size."""
+  del earlier  # independent of other suites
+  for name in settings.models:
+    for dtype in settings.dtypes:
+      for batch_size in settings.batches:
+        baseline = measure_step(name, batch_size, dtype, False, settings)
+        yield baseline
+        record = measure_step(name, batch_size, dtype, True, settings)
+        record['selfreg_overhead_pct'] = 100 * (
+            record['median_s'] / baseline['median_s'] - 1)
+        yield record
+
+
+def summary_line(record: dict[str, Any]) -> str:
+  memory = record['xla_memory'] or {}
+  line = (f"{record['model']:9s} {record['image_size']}px batch "
+          f"{record['batch']:<2d} {record['dtype']:8s} "
+          f"{'selfreg ' if record['selfreg'] else 'baseline'}: compile "
+          f"{record['compile_s']:6.1f} s, step {record['median_s']:.4f} s, "
+          f"{record['images_per_s']:7.1f} images/s, XLA memory "
+          f"{timing.format_bytes(memory.get('total_bytes'))}, device peak "
+          f"{timing.format_bytes(record['device_peak_bytes'])}")
+  if 'selfreg_overhead_pct' in record:
+    line += f", SelfReg overhead {record['selfreg_overhead_pct']:+.1f}%"
+  return line
