@@ -99,17 +99,54 @@ def _mse(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
 
 
+@jax.custom_vjp
+def take_channels(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x[..., index] for distinct indices, with a gather as its gradient.
+
+  The gradient of a gather is a scatter-add, which XLA:CPU runs an order of
+  magnitude slower than a gather; with distinct indices the scatter is a
+  gather of the output gradient by the inverse index (zero for channels not
+  drawn). The result is materialised (not fused into its consumer), which
+  keeps XLA:CPU's reductions over it fast.
+  """
+  return jax.lax.optimization_barrier(jnp.take(x, index, axis=-1))
+
+
+def _take_channels_fwd(x, index):
+  return take_channels(x, index), (index, x.shape[-1])
+
+
+def _take_channels_bwd(residuals, grad):
+  index, channels = residuals
+  drawn = index.shape[0]
+  inverse = jnp.full((channels,), drawn, index.dtype).at[index].set(
+      jnp.arange(drawn, dtype=index.dtype))
+  padded = jnp.concatenate([grad, jnp.zeros_like(grad[..., :1])], axis=-1)
+  grad_x = jax.lax.optimization_barrier(jnp.take(padded, inverse, axis=-1))
+  return grad_x, None
+
+
+take_channels.defvjp(_take_channels_fwd, _take_channels_bwd)
+
+
 def ifd_loss(feature: jax.Array) -> jax.Array:
   """Internal feature distillation on one (B, H, W, C) map (C >= 2)."""
   x = feature.astype(jnp.float32)
   norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True))
   x = x / jnp.maximum(norm, 1e-12)
   score = jax.lax.stop_gradient(jnp.mean(x, axis=(0, 1, 2)))
-  order = jnp.argsort(-score)
   half = x.shape[-1] // 2
-  upper = jnp.take(x, order[:half], axis=-1)
-  lower = jnp.take(x, order[half:2 * half], axis=-1)
-  return _mse(upper, lower)
+  ranked = take_channels(x, jnp.argsort(-score)[:2 * half])
+  return _mse(ranked[..., :half], ranked[..., half:])
+
+
+def draw_channels(key: jax.Array, student_channels: int,
+                  teacher_channels: int) -> tuple[jax.Array, jax.Array]:
+  """SCR's channel draws: k = min(c_s, c_t) distinct indices into each."""
+  k = min(student_channels, teacher_channels)
+  key_s, key_t = jax.random.split(key)
+  return (jax.random.permutation(key_s, student_channels)[:k],
+          jax.random.permutation(key_t, teacher_channels)[:k])
 
 
 def scr_loss(student: jax.Array, teacher: jax.Array,
@@ -122,14 +159,36 @@ def scr_loss(student: jax.Array, teacher: jax.Array,
   """
   size = (min(student.shape[1], teacher.shape[1]),
           min(student.shape[2], teacher.shape[2]))
-  student = adaptive_avg_pool(student, size)
   teacher = jax.lax.stop_gradient(adaptive_avg_pool(teacher, size))
-  k = min(student.shape[-1], teacher.shape[-1])
-  key_s, key_t = jax.random.split(key)
-  idx_s = jax.random.permutation(key_s, student.shape[-1])[:k]
-  idx_t = jax.random.permutation(key_t, teacher.shape[-1])[:k]
-  return _mse(jnp.take(student, idx_s, axis=-1),
-              jnp.take(teacher, idx_t, axis=-1))
+  return _scr_pooled_teacher(student, teacher, key)
+
+
+def _scr_pooled_teacher(student: jax.Array, teacher: jax.Array,
+                        key: jax.Array) -> jax.Array:
+  """SCR once the (stop-gradient) teacher is pooled to <= the tap's size."""
+  student = adaptive_avg_pool(student, teacher.shape[1:3])
+  idx_s, idx_t = draw_channels(key, student.shape[-1], teacher.shape[-1])
+  return _mse(take_channels(student, idx_s), jnp.take(teacher, idx_t, axis=-1))
+
+
+def pooled_pyramid(final: jax.Array,
+                   sizes: set[tuple[int, int]]) -> dict[tuple[int, int],
+                                                        jax.Array]:
+  """Stop-gradient `final` pooled to each size (h, w) <= its own.
+
+  Sizes are built from the largest down, each from the smallest already
+  pooled map whose bins it divides, so the big map is read once per chain
+  rather than once per tap (equal-sized bins make the mean of means the
+  mean).
+  """
+  final = jax.lax.stop_gradient(final)
+  pyramid = {final.shape[1:3]: final}
+  for size in sorted(sizes, reverse=True):
+    source = min((s for s in pyramid
+                  if s[0] % size[0] == 0 and s[1] % size[1] == 0),
+                 default=final.shape[1:3])
+    pyramid[size] = adaptive_avg_pool(pyramid[source], size)
+  return pyramid
 
 
 class SelfRegTerms(NamedTuple):
@@ -150,6 +209,11 @@ def selfreg_loss(features: Features, key: jax.Array, *,
   scr = ifd = jnp.zeros((), jnp.float32)
   groups = features.tap_groups()
   keys = jax.random.split(key, len(groups))
+  if compute_scr:
+    final_size = features.final.shape[1:3]
+    pyramid = pooled_pyramid(features.final, {
+        (min(t.shape[1], final_size[0]), min(t.shape[2], final_size[1]))
+        for encoder, decoder in groups for t in encoder + decoder})
   for (encoder, decoder), group_key in zip(groups, keys):
     if compute_ifd:
       ifd += jnp.mean(jnp.stack([ifd_loss(f) for f in encoder]))
@@ -157,8 +221,11 @@ def selfreg_loss(features: Features, key: jax.Array, *,
     if compute_scr:
       taps = encoder + decoder
       tap_keys = jax.random.split(group_key, len(taps))
-      scr += jnp.mean(jnp.stack([scr_loss(t, features.final, k)
-                                 for t, k in zip(taps, tap_keys)]))
+      scr += jnp.mean(jnp.stack([
+          _scr_pooled_teacher(
+              t, pyramid[(min(t.shape[1], final_size[0]),
+                          min(t.shape[2], final_size[1]))], k)
+          for t, k in zip(taps, tap_keys)]))
   return SelfRegTerms(scr=scr, ifd=ifd)
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from selfreg_jax.models import conv
 from selfreg_jax.models.features import Features
 from selfreg_jax.models.unet import torch_conv_init
 
@@ -242,7 +243,12 @@ class PatchMerging(nn.Module):
 
 
 class PatchExpand(nn.Module):
-  """(B, H, W, C) -> (B, sH, sW, out_dim): Linear, pixel shuffle, LN."""
+  """(B, H, W, C) -> (B, sH, sW, out_dim): Linear, pixel shuffle, LN.
+
+  The LayerNorm normalises each output pixel's out_dim channels, so it runs
+  before the shuffle (same result): fused with the shuffle's transpose it
+  was XLA:CPU's slowest op of the whole Swin-UNet step.
+  """
   scale: int
   out_dim: int
   dtype: Any = jnp.float32
@@ -253,9 +259,9 @@ class PatchExpand(nn.Module):
     s = self.scale
     x = dense(s * s * self.out_dim, self.dtype, use_bias=False,
               name='expand')(x)
-    x = x.reshape(b, h, w, s, s, self.out_dim).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, h * s, w * s, self.out_dim)
-    return layer_norm(self.dtype, 'norm')(x)
+    x = layer_norm(self.dtype, 'norm')(x.reshape(b, h, w, s, s, self.out_dim))
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * s, w * s, self.out_dim)
 
 
 class SwinUNet(nn.Module):
@@ -318,8 +324,9 @@ class SwinUNet(nn.Module):
     stage_rates = [rates[starts[i]:starts[i + 1]] for i in range(num_stages)]
 
     x = nn.Conv(self.embed_dim, (self.patch_size,) * 2,
-                strides=(self.patch_size,) * 2, padding='VALID',
+                strides=(self.patch_size,) * 2, padding=0,
                 dtype=self.dtype, kernel_init=torch_conv_init,
+                conv_general_dilated=conv.conv_general_dilated,
                 name='patch_embed_proj')(x.astype(self.dtype))
     x = layer_norm(self.dtype, 'patch_embed_norm')(x)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
@@ -354,6 +361,7 @@ class SwinUNet(nn.Module):
                         name='up')(x)
     logits = nn.Conv(self.num_classes, (1, 1), use_bias=False,
                      dtype=self.dtype, kernel_init=torch_conv_init,
+                     conv_general_dilated=conv.conv_general_dilated,
                      name='output')(final)
     features = Features(encoder=tuple(encoder), decoder=tuple(decoder),
                         final=final, encoder_first=tuple(encoder_first),

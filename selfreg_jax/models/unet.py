@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from selfreg_jax.models import conv
 from selfreg_jax.models.features import Features
 
 # PyTorch's default conv init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
@@ -53,7 +54,8 @@ class DoubleConv(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for width in (self.mid_features or self.features, self.features):
       x = nn.Conv(width, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
-                  kernel_init=torch_conv_init)(x)
+                  kernel_init=torch_conv_init,
+                  conv_general_dilated=conv.conv_general_dilated)(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                        epsilon=1e-5, dtype=self.dtype)(x)
       x = nn.relu(x)
@@ -128,7 +130,9 @@ class UNet(nn.Module):
       x = Up(width, dtype=self.dtype, name=f'up{i + 1}')(x, skips.pop(), train)
       decoder.append(x)
     logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
-                     kernel_init=torch_conv_init, name='outc')(x)
+                     kernel_init=torch_conv_init,
+                     conv_general_dilated=conv.conv_general_dilated,
+                     name='outc')(x)
     features = Features(encoder=encoder, decoder=tuple(decoder[:3]),
                         final=decoder[3])
     return logits, features

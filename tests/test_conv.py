@@ -1,0 +1,82 @@
+"""The fast-gradient conv must equal lax.conv_general_dilated, value and grad."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from selfreg_jax.models import conv
+
+# (kernel, stride, padding, in channels, out channels, image size): the
+# UNet's 3x3 "same" conv (even and odd sizes), 1x1 convs, the Swin patch
+# embedding, and cases that fall back to XLA (stride 2; asymmetric padding).
+CASES = [(3, 1, ((1, 1), (1, 1)), 5, 7, 12),
+         (3, 1, ((1, 1), (1, 1)), 4, 6, 9),
+         (1, 1, ((0, 0), (0, 0)), 5, 3, 12),
+         (4, 4, ((0, 0), (0, 0)), 3, 8, 16),
+         (3, 2, ((1, 1), (1, 1)), 4, 6, 10),
+         (3, 1, ((0, 2), (2, 0)), 4, 6, 8)]
+
+
+def _conv(fn, x, w, stride, padding):
+  numbers = lax.conv_dimension_numbers(x.shape, w.shape,
+                                       ('NHWC', 'HWIO', 'NHWC'))
+  return fn(x, w, (stride, stride), padding, dimension_numbers=numbers)
+
+
+@pytest.mark.parametrize('kernel,stride,padding,cin,cout,size', CASES)
+def test_matches_lax_value_and_gradients(kernel, stride, padding, cin, cout,
+                                         size):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, cin))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, cin, cout))
+
+  def loss(fn):
+    return lambda x, w: jnp.sum(jnp.sin(_conv(fn, x, w, stride, padding)))
+
+  ours = jax.jit(jax.value_and_grad(loss(conv.conv_general_dilated),
+                                    argnums=(0, 1)))(x, w)
+  reference = jax.jit(jax.value_and_grad(loss(lax.conv_general_dilated),
+                                         argnums=(0, 1)))(x, w)
+  for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_kernel_gradient_avoids_the_window_convolution():
+  """On CPU the 3x3 kernel gradient is matrix products, not a big-window
+  convolution (the slow XLA:CPU path this module exists to avoid)."""
+  x = jnp.zeros((2, 16, 16, 4))
+  w = jnp.zeros((3, 3, 4, 8))
+  grad_w = jax.jit(jax.grad(
+      lambda w: jnp.sum(_conv(conv.conv_general_dilated, x, w, 1,
+                              ((1, 1), (1, 1)))))).lower(w).compile()
+  hlo = grad_w.as_text()
+  window_convs = [line for line in hlo.splitlines()
+                  if 'convolution(' in line and 'window={size=16x16' in line]
+  assert not window_convs
+  assert 'dot(' in hlo or 'dot_general' in hlo or '__ynn_fusion' in hlo
+
+
+def test_flax_conv_with_it_keeps_parameter_layout():
+  layer = nn.Conv(6, (3, 3), padding=1,
+                  conv_general_dilated=conv.conv_general_dilated)
+  plain = nn.Conv(6, (3, 3), padding=1)
+  x = jax.random.normal(jax.random.key(2), (1, 8, 8, 3))
+  variables = plain.init(jax.random.key(3), x)
+  assert (jax.tree.map(jnp.shape, layer.init(jax.random.key(3), x))
+          == jax.tree.map(jnp.shape, variables))
+  np.testing.assert_allclose(layer.apply(variables, x),
+                             plain.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_kernel_gradient_keeps_dtype():
+  x = jnp.ones((1, 8, 8, 3), jnp.bfloat16)
+  w = jnp.ones((3, 3, 3, 4), jnp.bfloat16)
+  grad = jax.grad(lambda w: jnp.sum(_conv(
+      conv.conv_general_dilated, x, w, 1, ((1, 1), (1, 1))).astype(
+          jnp.float32)))(w)
+  assert grad.dtype == jnp.bfloat16
+  # The centre tap sees all 64 pixels, a corner tap 7 x 7 of them.
+  assert float(grad[1, 1, 0, 0]) == 64.0
+  assert float(grad[0, 0, 0, 0]) == 49.0
