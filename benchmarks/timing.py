@@ -47,13 +47,19 @@ def run_times(fn: Callable[..., Any], args: Sequence[Any], *, runs: int,
     raise ValueError(f'runs must be >= 1, got {runs}.')
   times = []
   for index in range(warmup + runs):
-    start = time.perf_counter()
-    output = jax.block_until_ready(fn(*args))
+    seconds, output = timed_call(fn, *args)
     if index >= warmup:
-      times.append(time.perf_counter() - start)
+      times.append(seconds)
     if next_args is not None:
       args = next_args(output, args)
   return times
+
+
+def timed_call(fn: Callable[..., Any], *args) -> tuple[float, Any]:
+  """(seconds, output) of one call `fn(*args)`, its output waited for."""
+  start = time.perf_counter()
+  output = jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start, output
 
 
 def median(times: Sequence[float]) -> float:
@@ -78,6 +84,16 @@ def compiled_memory(compiled) -> dict[str, int] | None:
   memory['total_bytes'] = (memory['temp_bytes'] + memory['argument_bytes']
                            + memory['output_bytes'] - memory['alias_bytes'])
   return memory
+
+
+def compiled_flops(compiled) -> float | None:
+  """XLA's count of floating-point operations of one call (None if unknown)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis or 'flops' not in analysis:
+    return None
+  return float(analysis['flops'])
 
 
 def device_peak_bytes() -> int | None:

@@ -3,7 +3,8 @@
 For every model, dtype and batch size: `selfreg_jax.train.train_step` jitted
 as the training loop does (state donated), on a synthetic batch, on the
 default device. Records the
-compile time, the median step time, images/s, XLA's memory plan and, where
+compile time, the median step time, images/s, XLA's FLOP count of the step
+and the GFLOP/s it reached, XLA's memory plan and, where
 the device keeps statistics, its peak bytes in use; the SelfReg record adds
 its overhead over the baseline step of the same model, batch and dtype.
 """
@@ -23,9 +24,9 @@ SUITE = 'train_step'
 STEP_KEY_SEED = 2
 
 
-def measure_step(name: str, batch_size: int, dtype: str, selfreg: bool,
-                 settings: settings_lib.Settings) -> dict[str, Any]:
-  """One record: the train step of `name` at `batch_size` in `dtype`."""
+def _compiled_step(name: str, batch_size: int, dtype: str, selfreg: bool,
+                   settings: settings_lib.Settings):
+  """(setup, compiled step, compile seconds, (state, batch) to run it on)."""
   setup = model_setup.model_setup(name, dtype, settings.smoke)
   step = jax.jit(functools.partial(
       train.train_step, model=setup.model, tx=setup.tx,
@@ -34,15 +35,45 @@ def measure_step(name: str, batch_size: int, dtype: str, selfreg: bool,
   batch = model_setup.synthetic_batch(setup.config, batch_size)
   state = jax.tree.map(jnp.copy, setup.state)  # the step donates its state
   compiled, compile_s = timing.compile_jitted(step, state, batch)
-  times = timing.run_times(compiled, (state, batch), runs=settings.runs,
-                           next_args=lambda output, args: (output[0], args[1]))
-  step_s = timing.median(times)
-  return {'suite': SUITE, **model_setup.describe(setup.config),
-          'batch': batch_size, 'selfreg': selfreg, 'compile_s': compile_s,
-          'median_s': step_s, 'runs_s': times,
-          'images_per_s': batch_size / step_s,
-          'xla_memory': timing.compiled_memory(compiled),
-          'device_peak_bytes': timing.device_peak_bytes()}
+  return setup, compiled, compile_s, (state, batch)
+
+
+def measure_pair(name: str, batch_size: int, dtype: str,
+                 settings: settings_lib.Settings
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Baseline and SelfReg records of `name` at `batch_size` in `dtype`.
+
+  The two steps run alternately (one warm-up each, then `settings.runs`
+  rounds), so that drifts of a shared machine hit both alike and the
+  SelfReg overhead compares like with like.
+  """
+  steps = [_compiled_step(name, batch_size, dtype, selfreg, settings)
+           for selfreg in (False, True)]
+  args = [step[3] for step in steps]
+  times = [[], []]
+  for round_index in range(settings.runs + 1):
+    for index, (_, compiled, _, _) in enumerate(steps):
+      seconds, output = timing.timed_call(compiled, *args[index])
+      args[index] = (output[0], args[index][1])
+      if round_index:
+        times[index].append(seconds)
+  records = []
+  for (setup, compiled, compile_s, _), selfreg, runs in zip(
+      steps, (False, True), times):
+    step_s = timing.median(runs)
+    flops = timing.compiled_flops(compiled)
+    records.append({
+        'suite': SUITE, **model_setup.describe(setup.config),
+        'batch': batch_size, 'selfreg': selfreg, 'compile_s': compile_s,
+        'median_s': step_s, 'runs_s': runs,
+        'images_per_s': batch_size / step_s,
+        'gflop': None if flops is None else flops / 1e9,
+        'gflop_per_s': None if flops is None else flops / 1e9 / step_s,
+        'xla_memory': timing.compiled_memory(compiled),
+        'device_peak_bytes': timing.device_peak_bytes()})
+  records[1]['selfreg_overhead_pct'] = 100 * (
+      records[1]['median_s'] / records[0]['median_s'] - 1)
+  return records[0], records[1]
 
 
 def measurements(settings: settings_lib.Settings,
@@ -52,12 +83,7 @@ def measurements(settings: settings_lib.Settings,
   for name in settings.models:
     for dtype in settings.dtypes:
       for batch_size in settings.batches:
-        baseline = measure_step(name, batch_size, dtype, False, settings)
-        yield baseline
-        record = measure_step(name, batch_size, dtype, True, settings)
-        record['selfreg_overhead_pct'] = 100 * (
-            record['median_s'] / baseline['median_s'] - 1)
-        yield record
+        yield from measure_pair(name, batch_size, dtype, settings)
 
 
 def summary_line(record: dict[str, Any]) -> str:
@@ -66,7 +92,8 @@ def summary_line(record: dict[str, Any]) -> str:
           f"{record['batch']:<2d} {record['dtype']:8s} "
           f"{'selfreg ' if record['selfreg'] else 'baseline'}: compile "
           f"{record['compile_s']:6.1f} s, step {record['median_s']:.4f} s, "
-          f"{record['images_per_s']:7.1f} images/s, XLA memory "
+          f"{record['images_per_s']:7.1f} images/s, "
+          f"{record['gflop_per_s'] or float('nan'):6.1f} GFLOP/s, XLA memory "
           f"{timing.format_bytes(memory.get('total_bytes'))}, device peak "
           f"{timing.format_bytes(record['device_peak_bytes'])}")
   if 'selfreg_overhead_pct' in record:
