@@ -39,8 +39,8 @@ def _train_step_seconds(record: dict[str, Any],
     if (other['suite'] == train_step_bench.SUITE and other['selfreg']
         and all(other[f] == record[f] for f in fields)):
       return other['median_s'], train_step_bench.SUITE + ' suite'
-  step = train_step_bench.measure_step(record['model'], record['batch'],
-                                       record['dtype'], True, settings)
+  _, step = train_step_bench.measure_pair(record['model'], record['batch'],
+                                          record['dtype'], settings)
   return step['median_s'], 'timed here'
 
 
