@@ -100,15 +100,14 @@ def test_smoke_run_writes_every_suite(tmp_path):
   assert workers == [None, *input_pipeline_bench.WORKER_COUNTS]
 
 
-def test_only_restricts_suites_and_times_its_own_step(tmp_path):
-  only = ('selfreg_loss', 'metrics')
+def test_only_restricts_suites(tmp_path):
+  # The cheap suites: a model suite would add its compiles (~30 s).
+  only = ('metrics', 'input_pipeline')
   stdout, results = run_smoke(tmp_path, '--only', ','.join(only))
   assert results['suites'] == list(only)
-  assert [r['suite'] for r in results['records']] == list(only)
-  assert '[train_step]' not in stdout
-  [loss] = results['records'][:1]
-  assert loss['train_step_source'] == 'timed here'
-  assert_positive_finite(loss, TIMES['selfreg_loss'])
+  assert list(dict.fromkeys(r['suite'] for r in results['records'])) == list(
+      only)
+  assert '[train_step]' not in stdout and '[selfreg_loss]' not in stdout
 
 
 @pytest.mark.parametrize('flag, value', [

@@ -117,22 +117,29 @@ def test_resume_from_saved_state_continues_exactly(data_dir):
   assert_batches_equal(take(resumed, NUM_BATCHES), expected)
 
 
+def save_read_restore(iterator, fresh_iterator, tmp_path):
+  """Saves `iterator` with orbax, reads NUM_BATCHES more from it, then
+  restores the checkpoint into `fresh_iterator`: (restored, batches read)."""
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    manager.save(NUM_BATCHES, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+  expected = take(iterator, NUM_BATCHES)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    restored = manager.restore(
+        manager.latest_step(), args=ocp.args.Composite(
+            data=grain.checkpoint.CheckpointRestore(fresh_iterator)))
+  return restored.data, expected
+
+
 def test_orbax_checkpoint_manager_saves_and_restores_the_iterator(
     data_dir, tmp_path):
   config = make_config(data_dir)
   loader = input_pipeline.create_train_loader(config)
   take(loader, NUM_BATCHES)
-  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
-    manager.save(NUM_BATCHES, args=ocp.args.Composite(
-        data_iter=grain.checkpoint.CheckpointSave(loader)))
-    manager.wait_until_finished()
-  expected = take(loader, NUM_BATCHES)
-  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
-    restored = manager.restore(
-        manager.latest_step(), args=ocp.args.Composite(
-            data_iter=grain.checkpoint.CheckpointRestore(
-                input_pipeline.create_train_loader(config))))
-  assert_batches_equal(take(restored.data_iter, NUM_BATCHES), expected)
+  restored, expected = save_read_restore(
+      loader, input_pipeline.create_train_loader(config), tmp_path)
+  assert_batches_equal(take(restored, NUM_BATCHES), expected)
 
 
 def test_worker_processes_give_the_same_stream_and_resume(data_dir):
@@ -180,19 +187,11 @@ def test_prefetched_iterator_checkpoint_resumes_at_the_first_unused_batch(
   take(prefetched, NUM_BATCHES)
   # The loader has read size - 1 batches that no caller has seen yet.
   assert (loader.get_state() == prefetched.get_state()) == (size == 1)
-  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
-    manager.save(NUM_BATCHES, args=ocp.args.Composite(
-        data=grain.checkpoint.CheckpointSave(prefetched)))
-    manager.wait_until_finished()
-  expected = take(prefetched, NUM_BATCHES)
-  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
-    restored = manager.restore(
-        manager.latest_step(), args=ocp.args.Composite(
-            data=grain.checkpoint.CheckpointRestore(
-                input_pipeline.prefetch_to_device(
-                    input_pipeline.create_train_loader(config), size,
-                    _batch_sharding()))))
-  assert_batches_equal(jax.device_get(take(restored.data, NUM_BATCHES)),
+  restored, expected = save_read_restore(
+      prefetched, input_pipeline.prefetch_to_device(
+          input_pipeline.create_train_loader(config), size,
+          _batch_sharding()), tmp_path)
+  assert_batches_equal(jax.device_get(take(restored, NUM_BATCHES)),
                        jax.device_get(expected))
 
 
