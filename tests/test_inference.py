@@ -231,7 +231,8 @@ def test_sharded_over_two_devices_matches_one_device():
   devices = 2
   root = pathlib.Path(__file__).resolve().parents[1]
   env = dict(os.environ,
-             XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             XLA_FLAGS=(os.environ['XLA_FLAGS'] +
+                        f' --xla_force_host_platform_device_count={devices}'),
              JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join([str(root), str(root / 'tests')]))
   result = subprocess.run(

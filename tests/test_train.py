@@ -123,7 +123,8 @@ def test_eight_devices_match_one_device(tiny_demo_data_dir, tmp_path, model):
   results = {}
   for devices in (1, 8):
     env = dict(os.environ,
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+               XLA_FLAGS=(os.environ['XLA_FLAGS'] +
+                          f' --xla_force_host_platform_device_count={devices}'))
     workdir = tmp_path / f'{devices}dev'
     run = _run_main(_main_args(model, workdir, tiny_demo_data_dir,
                                '--config.num_train_steps=3', '--mode=train',
@@ -174,7 +175,8 @@ def test_two_processes_train_together_and_only_process_0_logs(
     env = dict(os.environ, JAX_NUM_PROCESSES='2',
                JAX_PROCESS_ID=str(process_id),
                JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
-               XLA_FLAGS='--xla_force_host_platform_device_count=1')
+               XLA_FLAGS=(os.environ['XLA_FLAGS'] +
+                          ' --xla_force_host_platform_device_count=1'))
     processes.append(subprocess.Popen(
         [sys.executable, str(ROOT / 'main.py'),
          *_main_args('unet', tmp_path, tiny_demo_data_dir,
@@ -235,7 +237,7 @@ def test_unknown_config_key_fails_before_compilation(tiny_demo_data_dir,
 
 @pytest.mark.parametrize('change,message', [
     (lambda c: c.update(batch_size=12), 'config.batch_size=12 must be divisible'),
-    (lambda c: c.model.update(image_size=48), 'config.model.image_size'),
+    (lambda c: c.model.update(image_size=40), 'config.model.image_size'),
     (lambda c: c.optimizer.update(name='lamb'), 'config.optimizer.name'),
     (lambda c: c.model.update(num_classes=3), 'config.model.num_classes'),
 ])
@@ -244,6 +246,6 @@ def test_bad_config_values_fail_with_the_key_named(tiny_demo_data_dir, change,
   config = _config(tiny_demo_data_dir, 'swin_unet')
   change(config)
   if 'image_size' in message:
-    config.dataset.image_size = 48
+    config.dataset.image_size = 40
   with pytest.raises(configuration.ConfigError, match=message):
     configuration.validate(config, device_count=8, process_count=1)

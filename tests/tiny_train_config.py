@@ -1,7 +1,9 @@
 """Tiny training runs for the tests: `--config tests/tiny_train_config.py:MODEL`.
 
 The demo recipe with a tiny UNet or Swin-UNet (from tiny_configs) at 32 px;
-the tests point `dataset.data_dir` at a tiny demo set they build.
+the tests point `dataset.data_dir` at a tiny demo set they build. The
+Swin-UNet has two stages (both with shifted windows): these runs test the
+training loop, and its compile is half that of the four-stage model.
 """
 
 import sys
@@ -23,7 +25,7 @@ def get_config(model: str = 'unet'):
   size = tiny_configs.IMAGE_SIZES[0]
   config.dataset.image_size = size
   tiny = (tiny_configs.tiny_unet() if model == 'unet'
-          else tiny_configs.tiny_swin(size))
+          else tiny_configs.tiny_swin(size, num_stages=2))
   tiny.num_classes = config.dataset.num_classes
   config.model = tiny
   config.batch_size = 8
