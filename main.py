@@ -10,6 +10,14 @@ launcher sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID
 on a Cloud TPU pod slice, under SLURM or Open MPI.
 """
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from selfreg_jax import host_memory
+
+if __name__ == '__main__':
+  # Restart (once) with huge pages for XLA:CPU's buffers, before the heavy
+  # imports below.
+  host_memory.restart_with_huge_pages()
+
 import logging as std_logging
 import os
 

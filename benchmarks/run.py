@@ -38,6 +38,7 @@ import jax
 
 from benchmarks import settings as settings_lib
 from benchmarks import timing
+from selfreg_jax import host_memory
 
 # Suite name -> module with measurements(settings, earlier_records) and
 # summary_line(record).
@@ -130,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   results = {
       'device': device, 'jax_version': jax.__version__,
       'host_cpu_count': os.cpu_count(),
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES'),
       'started_at': datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec='seconds'),
       'suites': list(args.only), 'settings': dataclasses.asdict(settings),
@@ -155,4 +157,6 @@ def _save(results: dict[str, Any], path: pathlib.Path, start: float) -> None:
 
 
 if __name__ == '__main__':
+  # Time what `main.py` runs: huge pages for XLA:CPU's buffers.
+  host_memory.restart_with_huge_pages()
   main()
