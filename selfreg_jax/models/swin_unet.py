@@ -133,9 +133,11 @@ class WindowAttention(nn.Module):
                train: bool) -> jax.Array:
     """x: (B, nH, nW, N, C); mask: (nH, nW, N, N) or None."""
     head_dim = self.dim // self.num_heads
-    qkv = dense(3 * self.dim, self.dtype, name='qkv')(x)
-    qkv = qkv.reshape(x.shape[:-1] + (3, self.num_heads, head_dim))
-    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    # A split (not indexing): its gradient is one concatenation, where the
+    # gradients of three index slices are three padded copies summed.
+    q, k, v = (t.reshape(x.shape[:-1] + (self.num_heads, head_dim))
+               for t in jnp.split(dense(3 * self.dim, self.dtype,
+                                        name='qkv')(x), 3, axis=-1))
     logits = jnp.einsum('bxyqhd,bxykhd->bxyhqk', q * head_dim ** -0.5, k)
     table = self.param('relative_position_bias_table', dense_init,
                        ((2 * self.window - 1) ** 2, self.num_heads))
