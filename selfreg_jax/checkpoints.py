@@ -10,6 +10,7 @@ Validation Dice, when known, is stored as the step's metric so that the best
 checkpoint is kept besides the last N.
 """
 
+import functools
 import pathlib
 from typing import Any
 
@@ -21,21 +22,27 @@ from orbax.checkpoint import checkpoint_managers
 CHECKPOINT_DIR = 'checkpoints'
 BEST_METRIC = 'val_dice'
 
-# One replica writes each array whole. Orbax's default splits every
-# replicated array over its replicas and compiles a slicing program per array
-# shape: 152 compiles, 7.6 s, on the first save of a tiny Swin-UNet over 8
-# CPU devices, for states (at most a few hundred MB) that gain nothing from
-# parallel writes. (This handler keeps no PRNG-key metadata; train states
-# hold no keys.)
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-    override=True)
+
+@functools.cache
+def _save_arrays_whole() -> None:
+  """Makes one replica write each array whole (registered once, on first use).
+
+  Orbax's default splits every replicated array over its replicas and
+  compiles a slicing program per array shape: 152 compiles, 7.6 s, on the
+  first save of a tiny Swin-UNet over 8 CPU devices, for states (at most a few
+  hundred MB) that gain nothing from parallel writes. (This handler keeps no
+  PRNG-key metadata; train states hold no keys.)
+  """
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+      override=True)
 
 
 def create_manager(workdir: str | pathlib.Path, *, keep_last: int = 3,
                    keep_best: bool = True,
                    read_only: bool = False) -> ocp.CheckpointManager:
   """A CheckpointManager keeping the last `keep_last` steps and the best one."""
+  _save_arrays_whole()
   policies = [checkpoint_managers.LatestN(keep_last)]
   if keep_best:
     policies.append(checkpoint_managers.BestN(
