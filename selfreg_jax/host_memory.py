@@ -6,8 +6,9 @@ with mmap/munmap, so the kernel faults in and zeroes every 4 KiB page again
 each step: 490,000 page faults and 1.6 s of system time per Swin-UNet step at
 batch 4 (measured). With glibc's `glibc.malloc.hugetlb=1` tunable malloc asks
 for transparent huge pages on those mappings (2 MiB pages, 1,400 faults per
-step): the Swin-UNet step went from 3.1 s to 2.3 s, the UNet step from 14.8 s
-to 9.3 s on the 2-core development machine (benchmarks/NOTES.md).
+step): the Swin-UNet step went from 3.05 s to 2.26 s, the UNet step from
+13.6 s to 8.9 s on the 2-core development machine (benchmarks/NOTES.md item
+11).
 
 glibc reads tunables only at process start, so the process restarts itself
 once with the tunable set. Set GLIBC_TUNABLES yourself (even to '') to keep
