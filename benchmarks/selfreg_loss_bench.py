@@ -52,7 +52,7 @@ def measure_loss(name: str, batch_size: int, dtype: str,
   forward = jax.jit(lambda variables, x: setup.model.apply(variables, x)[1])
   features = forward(setup.state.variables(), images)
   key = jax.random.key(LOSS_KEY_SEED)
-  compiled, compile_s = timing.compile_jitted(
+  compiled, compile_s, _ = timing.compile_jitted(
       jax.jit(selfreg_value_and_grad), features, key)
   times = timing.run_times(compiled, (features, key), runs=settings.runs)
   record = {'suite': SUITE, **model_setup.describe(setup.config),

@@ -10,7 +10,7 @@ its overhead over the baseline step of the same model, batch and dtype.
 """
 
 import functools
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +24,16 @@ SUITE = 'train_step'
 STEP_KEY_SEED = 2
 
 
+class _CompiledStep(NamedTuple):
+  setup: model_setup.ModelSetup
+  compiled: Any
+  compile_s: float
+  flops: float | None
+  args: tuple[train.TrainState, dict[str, jax.Array]]  # (state, batch)
+
+
 def _compiled_step(name: str, batch_size: int, dtype: str, selfreg: bool,
-                   settings: settings_lib.Settings):
-  """(setup, compiled step, compile seconds, (state, batch) to run it on)."""
+                   settings: settings_lib.Settings) -> _CompiledStep:
   setup = model_setup.model_setup(name, dtype, settings.smoke)
   step = jax.jit(functools.partial(
       train.train_step, model=setup.model, tx=setup.tx,
@@ -34,8 +41,8 @@ def _compiled_step(name: str, batch_size: int, dtype: str, selfreg: bool,
       base_key=jax.random.key(STEP_KEY_SEED)), donate_argnums=0)
   batch = model_setup.synthetic_batch(setup.config, batch_size)
   state = jax.tree.map(jnp.copy, setup.state)  # the step donates its state
-  compiled, compile_s = timing.compile_jitted(step, state, batch)
-  return setup, compiled, compile_s, (state, batch)
+  return _CompiledStep(setup, *timing.compile_jitted(step, state, batch),
+                       (state, batch))
 
 
 def measure_pair(name: str, batch_size: int, dtype: str,
@@ -51,28 +58,26 @@ def measure_pair(name: str, batch_size: int, dtype: str,
   """
   steps = [_compiled_step(name, batch_size, dtype, selfreg, settings)
            for selfreg in (False, True)]
-  args = [step[3] for step in steps]
+  args = [step.args for step in steps]
   times = [[], []]
   for _ in range(settings.runs):
-    for index, (_, compiled, _, _) in enumerate(steps):
+    for index, step in enumerate(steps):
       for timed in (False, True):
-        seconds, output = timing.timed_call(compiled, *args[index])
+        seconds, output = timing.timed_call(step.compiled, *args[index])
         args[index] = (output[0], args[index][1])
         if timed:
           times[index].append(seconds)
   records = []
-  for (setup, compiled, compile_s, _), selfreg, runs in zip(
-      steps, (False, True), times):
-    step_s = timing.median(runs)
-    flops = timing.compiled_flops(compiled)
+  for step, selfreg, runs in zip(steps, (False, True), times):
+    step_s, flops = timing.median(runs), step.flops
     records.append({
-        'suite': SUITE, **model_setup.describe(setup.config),
-        'batch': batch_size, 'selfreg': selfreg, 'compile_s': compile_s,
+        'suite': SUITE, **model_setup.describe(step.setup.config),
+        'batch': batch_size, 'selfreg': selfreg, 'compile_s': step.compile_s,
         'median_s': step_s, 'runs_s': runs,
         'images_per_s': batch_size / step_s,
         'gflop': None if flops is None else flops / 1e9,
         'gflop_per_s': None if flops is None else flops / 1e9 / step_s,
-        'xla_memory': timing.compiled_memory(compiled),
+        'xla_memory': timing.compiled_memory(step.compiled),
         'device_peak_bytes': timing.device_peak_bytes()})
   records[1]['selfreg_overhead_pct'] = 100 * (
       records[1]['median_s'] / records[0]['median_s'] - 1)
@@ -96,8 +101,8 @@ def summary_line(record: dict[str, Any]) -> str:
           f"{'selfreg ' if record['selfreg'] else 'baseline'}: compile "
           f"{record['compile_s']:6.1f} s, step {record['median_s']:.4f} s, "
           f"{record['images_per_s']:7.1f} images/s, "
-          f"{record['gflop_per_s'] or float('nan'):6.1f} GFLOP/s, XLA memory "
-          f"{timing.format_bytes(memory.get('total_bytes'))}, device peak "
+          f"{record['gflop_per_s'] or float('nan'):8.1f} GFLOP/s, XLA memory "
+          f"{timing.format_bytes(memory.get('total_bytes'))}, process peak "
           f"{timing.format_bytes(record['device_peak_bytes'])}")
   if 'selfreg_overhead_pct' in record:
     line += f", SelfReg overhead {record['selfreg_overhead_pct']:+.1f}%"

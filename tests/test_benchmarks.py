@@ -86,6 +86,11 @@ def test_smoke_run_writes_every_suite(tmp_path):
     assert record['device_peak_bytes'] is None or record[
         'device_peak_bytes'] > 0
   assert (baseline['selfreg'], selfreg['selfreg']) == (False, True)
+  # FLOPs of the lowered program: the SelfReg terms add work to the step.
+  assert 0 < baseline['gflop'] < selfreg['gflop']
+  for record in (baseline, selfreg):
+    assert record['gflop_per_s'] == pytest.approx(
+        record['gflop'] / record['median_s'])
   assert selfreg['selfreg_overhead_pct'] == pytest.approx(
       100 * (selfreg['median_s'] / baseline['median_s'] - 1))
 
