@@ -9,9 +9,11 @@ to get several devices (the device count is fixed when JAX starts).
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEVICES = 8
 # Distinct shapes, as a model's parameters have: the slicing programs were
 # compiled once per shape.
@@ -61,7 +63,7 @@ def test_saving_replicated_arrays_compiles_nothing_and_restores_them(
       [sys.executable, '-c', _SCRIPT, str(tmp_path / 'run'),
        json.dumps(SHAPES)],
       env=env, capture_output=True, text=True, timeout=300, check=False,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      cwd=ROOT)
   assert run.returncode == 0, run.stderr[-3000:]
   result = json.loads(run.stdout.strip().splitlines()[-1])
   assert result['devices'] == DEVICES
