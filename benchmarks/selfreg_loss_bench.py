@@ -52,11 +52,12 @@ def measure_loss(name: str, batch_size: int, dtype: str,
   forward = jax.jit(lambda variables, x: setup.model.apply(variables, x)[1])
   features = forward(setup.state.variables(), images)
   key = jax.random.key(LOSS_KEY_SEED)
-  compiled, compile_s, _ = timing.compile_jitted(
-      jax.jit(selfreg_value_and_grad), features, key)
-  times = timing.run_times(compiled, (features, key), runs=settings.runs)
+  compiled = timing.compile_jitted(jax.jit(selfreg_value_and_grad), features,
+                                  key)
+  times = timing.run_times(compiled.executable, (features, key),
+                           runs=settings.runs)
   record = {'suite': SUITE, **model_setup.describe(setup.config),
-            'batch': batch_size, 'compile_s': compile_s,
+            'batch': batch_size, 'compile_s': compiled.compile_s,
             'median_s': timing.median(times), 'runs_s': times}
   step_s, source = _train_step_seconds(record, earlier, settings)
   record.update(train_step_s=step_s, train_step_source=source,

@@ -11,7 +11,7 @@ import pathlib
 import statistics
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 
@@ -27,9 +27,21 @@ def describe_device(device: dict[str, Any]) -> str:
   return f"{device['platform']} ({device['device_kind']}) x{device['count']}"
 
 
-def compile_jitted(jitted, *args) -> tuple[Any, float, float | None]:
-  """(compiled executable, seconds to trace, lower and compile it, FLOPs of
-  one call or None if unknown).
+class Compiled(NamedTuple):
+  """A jitted call, compiled.
+
+  Attributes:
+    executable: the compiled executable.
+    compile_s: seconds to trace, lower and compile it.
+    flops: XLA's FLOP count of one call, or None if unknown.
+  """
+  executable: Any
+  compile_s: float
+  flops: float | None
+
+
+def compile_jitted(jitted, *args) -> Compiled:
+  """Compiles `jitted` for `args`, timing it and counting its FLOPs.
 
   The FLOPs are XLA's cost analysis of the lowered program, before backend
   passes, so every backend reports the same count (within 0.2% of XLA:CPU's
@@ -42,8 +54,8 @@ def compile_jitted(jitted, *args) -> tuple[Any, float, float | None]:
   lower_s = time.perf_counter() - start
   flops = _flops(lowered.cost_analysis())
   start = time.perf_counter()
-  compiled = lowered.compile()
-  return compiled, lower_s + time.perf_counter() - start, flops
+  executable = lowered.compile()
+  return Compiled(executable, lower_s + time.perf_counter() - start, flops)
 
 
 def run_times(fn: Callable[..., Any], args: Sequence[Any], *, runs: int,

@@ -26,9 +26,7 @@ STEP_KEY_SEED = 2
 
 class _CompiledStep(NamedTuple):
   setup: model_setup.ModelSetup
-  compiled: Any
-  compile_s: float
-  flops: float | None
+  compiled: timing.Compiled
   args: tuple[train.TrainState, dict[str, jax.Array]]  # (state, batch)
 
 
@@ -41,7 +39,7 @@ def _compiled_step(name: str, batch_size: int, dtype: str, selfreg: bool,
       base_key=jax.random.key(STEP_KEY_SEED)), donate_argnums=0)
   batch = model_setup.synthetic_batch(setup.config, batch_size)
   state = jax.tree.map(jnp.copy, setup.state)  # the step donates its state
-  return _CompiledStep(setup, *timing.compile_jitted(step, state, batch),
+  return _CompiledStep(setup, timing.compile_jitted(step, state, batch),
                        (state, batch))
 
 
@@ -63,21 +61,23 @@ def measure_pair(name: str, batch_size: int, dtype: str,
   for _ in range(settings.runs):
     for index, step in enumerate(steps):
       for timed in (False, True):
-        seconds, output = timing.timed_call(step.compiled, *args[index])
+        seconds, output = timing.timed_call(step.compiled.executable,
+                                            *args[index])
         args[index] = (output[0], args[index][1])
         if timed:
           times[index].append(seconds)
   records = []
   for step, selfreg, runs in zip(steps, (False, True), times):
-    step_s, flops = timing.median(runs), step.flops
+    step_s, flops = timing.median(runs), step.compiled.flops
     records.append({
         'suite': SUITE, **model_setup.describe(step.setup.config),
-        'batch': batch_size, 'selfreg': selfreg, 'compile_s': step.compile_s,
+        'batch': batch_size, 'selfreg': selfreg,
+        'compile_s': step.compiled.compile_s,
         'median_s': step_s, 'runs_s': runs,
         'images_per_s': batch_size / step_s,
         'gflop': None if flops is None else flops / 1e9,
         'gflop_per_s': None if flops is None else flops / 1e9 / step_s,
-        'xla_memory': timing.compiled_memory(step.compiled),
+        'xla_memory': timing.compiled_memory(step.compiled.executable),
         'device_peak_bytes': timing.device_peak_bytes()})
   records[1]['selfreg_overhead_pct'] = 100 * (
       records[1]['median_s'] / records[0]['median_s'] - 1)

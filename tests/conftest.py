@@ -1,13 +1,17 @@
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 
 # One persistent XLA compilation cache for the whole test session, shared with
 # the training subprocesses the tests start: the same tiny programs are
-# compiled once instead of in every run (XLA:CPU compiles are slow here).
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      tempfile.mkdtemp(prefix='selfreg_jax_cache_'))
+# compiled once instead of in every run (XLA:CPU compiles are slow here). A
+# cache made here is removed when the session ends (pytest_unconfigure).
+SESSION_CACHE_DIR = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  SESSION_CACHE_DIR = tempfile.mkdtemp(prefix='selfreg_jax_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = SESSION_CACHE_DIR
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 # The tests' programs are tiny and compiled once or twice each, so LLVM's
 # optimisations cost more than they save: at level 0 the compile-bound tests
@@ -35,3 +39,9 @@ def tiny_demo_data_dir(tmp_path_factory):
   build.build_dataset('demo', data_dir=data_dir,
                       **tiny_train_config.DEMO_OPTIONS)
   return data_dir
+
+
+def pytest_unconfigure(config):
+  del config  # unused
+  if SESSION_CACHE_DIR is not None:
+    shutil.rmtree(SESSION_CACHE_DIR, ignore_errors=True)
