@@ -2,11 +2,13 @@
 
 For every model, dtype and batch size: `selfreg_jax.train.train_step` jitted
 as the training loop does (state donated), on a synthetic batch, on the
-default device. Records the
-compile time, the median step time, images/s, XLA's FLOP count of the step
-and the GFLOP/s it reached, XLA's memory plan and, where
-the device keeps statistics, its peak bytes in use; the SelfReg record adds
-its overhead over the baseline step of the same model, batch and dtype.
+default device. Records the compile time, the median step time, images/s,
+the mean step time of steps dispatched back to back (as the training loop
+runs them: on a GPU the host's dispatch then overlaps the device's work),
+XLA's FLOP count of the step and the GFLOP/s it reached, XLA's memory plan
+and, where the device keeps statistics, its peak bytes in use; the SelfReg
+record adds its overhead over the baseline step of the same model, batch and
+dtype (from the median step times).
 """
 
 import functools
@@ -43,6 +45,11 @@ def _compiled_step(name: str, batch_size: int, dtype: str, selfreg: bool,
                        (state, batch))
 
 
+def _next_args(output, args):
+  """The next step's (state, batch): the new state, the same batch."""
+  return output[0], args[1]
+
+
 def measure_pair(name: str, batch_size: int, dtype: str,
                  settings: settings_lib.Settings
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -52,7 +59,8 @@ def measure_pair(name: str, batch_size: int, dtype: str,
   shared machine hit both alike. In its turn a step runs twice and only the
   second run is timed: on XLA:CPU the first run after the other program ran
   is up to 1.5 s slower (measured, Swin-UNet batch 4), a cost a training
-  loop, which repeats one program, does not pay.
+  loop, which repeats one program, does not pay. Then each runs
+  `settings.runs` steps back to back (`back_to_back_s`, their mean).
   """
   steps = [_compiled_step(name, batch_size, dtype, selfreg, settings)
            for selfreg in (False, True)]
@@ -63,11 +71,18 @@ def measure_pair(name: str, batch_size: int, dtype: str,
       for timed in (False, True):
         seconds, output = timing.timed_call(step.compiled.executable,
                                             *args[index])
-        args[index] = (output[0], args[index][1])
+        args[index] = _next_args(output, args[index])
         if timed:
           times[index].append(seconds)
+  back_to_back = []
+  for index, step in enumerate(steps):
+    seconds, args[index] = timing.back_to_back_seconds(
+        step.compiled.executable, args[index], calls=settings.runs,
+        next_args=_next_args)
+    back_to_back.append(seconds)
   records = []
-  for step, selfreg, runs in zip(steps, (False, True), times):
+  for step, selfreg, runs, pipelined_s in zip(steps, (False, True), times,
+                                              back_to_back):
     step_s, flops = timing.median(runs), step.compiled.flops
     records.append({
         'suite': SUITE, **model_setup.describe(step.setup.config),
@@ -75,6 +90,8 @@ def measure_pair(name: str, batch_size: int, dtype: str,
         'compile_s': step.compiled.compile_s,
         'median_s': step_s, 'runs_s': runs,
         'images_per_s': batch_size / step_s,
+        'back_to_back_s': pipelined_s,
+        'back_to_back_images_per_s': batch_size / pipelined_s,
         'gflop': None if flops is None else flops / 1e9,
         'gflop_per_s': None if flops is None else flops / 1e9 / step_s,
         'xla_memory': timing.compiled_memory(step.compiled.executable),
@@ -100,7 +117,8 @@ def summary_line(record: dict[str, Any]) -> str:
           f"{record['batch']:<2d} {record['dtype']:8s} "
           f"{'selfreg ' if record['selfreg'] else 'baseline'}: compile "
           f"{record['compile_s']:6.1f} s, step {record['median_s']:.4f} s, "
-          f"{record['images_per_s']:7.1f} images/s, "
+          f"{record['images_per_s']:7.1f} images/s "
+          f"({record['back_to_back_images_per_s']:.1f} back to back), "
           f"{record['gflop_per_s'] or float('nan'):8.1f} GFLOP/s, XLA memory "
           f"{timing.format_bytes(memory.get('total_bytes'))}, process peak "
           f"{timing.format_bytes(record['device_peak_bytes'])}")

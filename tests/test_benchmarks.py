@@ -14,12 +14,14 @@ import pytest
 from benchmarks import input_pipeline_bench
 from benchmarks import run as bench_run
 from benchmarks import settings
+from benchmarks import timing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The tiny UNet only: the tiny Swin-UNet's compiles would add over a minute.
 MODEL = 'unet'
 TIMES = {
-    'train_step': ('compile_s', 'median_s', 'images_per_s'),
+    'train_step': ('compile_s', 'median_s', 'images_per_s', 'back_to_back_s',
+                   'back_to_back_images_per_s'),
     'inference': ('first_call_s', 'median_s', 'slices_per_s'),
     'selfreg_loss': ('compile_s', 'median_s', 'train_step_s',
                      'share_of_train_step_pct'),
@@ -91,6 +93,8 @@ def test_smoke_run_writes_every_suite(tmp_path):
   for record in (baseline, selfreg):
     assert record['gflop_per_s'] == pytest.approx(
         record['gflop'] / record['median_s'])
+    assert record['back_to_back_images_per_s'] == pytest.approx(
+        record['batch'] / record['back_to_back_s'])
   assert selfreg['selfreg_overhead_pct'] == pytest.approx(
       100 * (selfreg['median_s'] / baseline['median_s'] - 1))
 
@@ -128,3 +132,16 @@ def test_bad_option_is_refused(flag, value, capsys):
     bench_run.parse_args([flag, value])
   assert exit_info.value.code == 2
   assert flag in capsys.readouterr().err
+
+
+def test_back_to_back_calls_chain_their_arguments_and_wait_for_the_last():
+  calls, warmup = 3, 2
+  step = jax.jit(lambda count: count + 1)
+  seconds, args = timing.back_to_back_seconds(
+      step, (jax.numpy.zeros((), 'int32'),), calls=calls, warmup=warmup,
+      next_args=lambda output, args: (output,))
+  assert seconds > 0
+  assert int(args[0]) == warmup + calls
+  with pytest.raises(ValueError, match='calls must be >= 1'):
+    timing.back_to_back_seconds(step, args, calls=0,
+                                next_args=lambda output, args: (output,))
