@@ -14,9 +14,9 @@ on a Cloud TPU pod slice, under SLURM or Open MPI.
 from selfreg_jax import host_memory
 
 if __name__ == '__main__':
-  # Restart (once) with huge pages for XLA:CPU's buffers, before the heavy
+  # Smaller XLA:CPU buffers on huge pages (restarts once), before the heavy
   # imports below.
-  host_memory.restart_with_huge_pages()
+  host_memory.prepare_process()
 
 import logging as std_logging
 import os

@@ -1,24 +1,33 @@
-"""Transparent huge pages for XLA:CPU's buffers (entry points call this first).
+"""XLA:CPU's per-step buffers: smaller, and on huge pages (entry points call
+`prepare_process` first, before JAX starts).
 
-XLA:CPU allocates an executable's temporary buffers (GBs for a full-size
-train step) afresh on every run, and glibc's malloc serves and returns them
-with mmap/munmap, so the kernel faults in and zeroes every 4 KiB page again
-each step: 490,000 page faults and 1.6 s of system time per Swin-UNet step at
-batch 4 (measured). With glibc's `glibc.malloc.hugetlb=1` tunable malloc asks
-for transparent huge pages on those mappings (2 MiB pages, 1,400 faults per
-step): the Swin-UNet step went from 3.05 s to 2.26 s, the UNet step from
-13.6 s to 8.9 s on the 2-core development machine (benchmarks/NOTES.md item
-11).
+XLA:CPU allocates an executable's temporary buffer (GBs for a full-size
+train step) afresh on every run, and glibc's malloc serves and returns it
+with mmap/munmap, so the kernel faults in and zeroes every page of it again
+each step. Two settings cut that cost (benchmarks/NOTES.md items 11 and 20,
+2-core development machine, batch 4, fp32):
 
-glibc reads tunables only at process start, so the process restarts itself
-once with the tunable set. Set GLIBC_TUNABLES yourself (even to '') to keep
-the process as started.
+- XLA:CPU's memory-minimising op order instead of its concurrency-optimised
+  scheduler (`--xla_cpu_enable_concurrency_optimized_scheduler=false` in
+  XLA_FLAGS): the UNet step's temporary buffer went from 4.5 to 1.4 GB and
+  the step from 11.4 to 8.5-9.3 s; the Swin-UNet's from 1.9 to 1.6 GB, its
+  step unchanged. XLA reads XLA_FLAGS when JAX starts its backends, and
+  ignores this flag on GPU and TPU. Name the option in XLA_FLAGS yourself to
+  keep your own setting.
+- glibc's `glibc.malloc.hugetlb=1` tunable, so that malloc asks for
+  transparent huge pages on those mappings (2 MiB pages: 1,400 instead of
+  490,000 faults per Swin-UNet step): the Swin-UNet step went from 3.05 s to
+  2.26 s, the UNet step from 13.6 s to 8.9 s. glibc reads tunables only at
+  process start, so the process restarts itself once with the tunable set.
+  Set GLIBC_TUNABLES yourself (even to '') to keep the process as started.
 """
 
 import os
 import sys
 
 HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
+SCHEDULER_OPTION = 'xla_cpu_enable_concurrency_optimized_scheduler'
+MEMORY_SCHEDULER_FLAG = f'--{SCHEDULER_OPTION}=false'
 # The tunable exists from glibc 2.35 on.
 MIN_GLIBC = (2, 35)
 
@@ -48,3 +57,18 @@ def restart_with_huge_pages() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def schedule_for_memory() -> None:
+  """Adds XLA:CPU's memory-minimising schedule to XLA_FLAGS, unless XLA_FLAGS
+  already sets the scheduler option. Takes effect only if called before JAX
+  starts its backends (its first computation)."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if SCHEDULER_OPTION not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {MEMORY_SCHEDULER_FLAG}'.strip()
+
+
+def prepare_process() -> None:
+  """Both settings of this module: what the entry points call first."""
+  schedule_for_memory()
+  restart_with_huge_pages()

@@ -1,4 +1,5 @@
-"""The entry points' restart with glibc's huge-page tunable."""
+"""The entry points' process setup: XLA:CPU's memory-minimising schedule and
+the restart with glibc's huge-page tunable."""
 
 import os
 import pathlib
@@ -48,3 +49,67 @@ def test_tunables_set_by_the_user_are_kept_and_nothing_restarts():
     lines = _run(GLIBC_TUNABLES=tunables)
     pid = lines[0].split()[1]
     assert lines[:2] == [f'start {pid}', f'tunables {tunables} {pid}']
+
+
+# The tiny UNet's train step at 64 px, batch 8: the size at which XLA:CPU's two
+# schedules differ (at 32 px, batch 2, their buffers are the same size).
+SCHEDULE_BATCH = 8
+TEMP_BYTES_SCRIPT = '''
+import functools, sys
+from selfreg_jax import host_memory
+if sys.argv[1] == 'memory':
+  host_memory.schedule_for_memory()
+import jax, optax
+sys.path.insert(0, 'tests')
+import tiny_configs
+from selfreg_jax import train
+from selfreg_jax.models import create_model
+size, batch_size = tiny_configs.IMAGE_SIZES[-1], int(sys.argv[2])
+model = create_model(tiny_configs.tiny_unet())
+tx = optax.sgd(0.01)
+images = jax.numpy.zeros((batch_size, size, size, 1))
+labels = jax.numpy.zeros((batch_size, size, size), 'int32')
+variables = model.init(jax.random.key(0), images[:1])
+state = train.TrainState(step=jax.numpy.zeros((), 'int32'),
+                         params=variables['params'],
+                         batch_stats=variables['batch_stats'],
+                         opt_state=tx.init(variables['params']))
+loss_config = dict(ce_weight=0.5, dice_weight=0.5, scr_weight=0.0,
+                   ifd_weight=0.0)
+step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+                                 loss_config=loss_config,
+                                 base_key=jax.random.key(1)))
+compiled = step.lower(state, {'image': images, 'label': labels}).compile()
+print(compiled.memory_analysis().temp_size_in_bytes)
+'''
+
+
+def _step_temp_bytes(schedule: str) -> int:
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  env['PYTHONPATH'] = str(ROOT)
+  result = subprocess.run(
+      [sys.executable, '-c', TEMP_BYTES_SCRIPT, schedule, str(SCHEDULE_BATCH)],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return int(result.stdout.split()[-1])
+
+
+def test_memory_schedule_shrinks_the_train_steps_temporary_buffer():
+  # Measured: 97.9 MB with XLA:CPU's default schedule, 21.3 MB with it.
+  assert _step_temp_bytes('memory') < _step_temp_bytes('default') / 2
+
+
+def test_schedule_flag_is_added_once_and_a_users_choice_is_kept(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=0')
+  host_memory.schedule_for_memory()
+  host_memory.schedule_for_memory()
+  assert os.environ['XLA_FLAGS'] == (
+      f'--xla_backend_optimization_level=0 {host_memory.MEMORY_SCHEDULER_FLAG}')
+  users_choice = f'--{host_memory.SCHEDULER_OPTION}=true'
+  monkeypatch.setenv('XLA_FLAGS', users_choice)
+  host_memory.schedule_for_memory()
+  assert os.environ['XLA_FLAGS'] == users_choice
+  monkeypatch.delenv('XLA_FLAGS')
+  host_memory.schedule_for_memory()
+  assert os.environ['XLA_FLAGS'] == host_memory.MEMORY_SCHEDULER_FLAG
