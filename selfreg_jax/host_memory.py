@@ -11,9 +11,9 @@ each step. Two settings cut that cost (benchmarks/NOTES.md items 11 and 20,
   scheduler (`--xla_cpu_enable_concurrency_optimized_scheduler=false` in
   XLA_FLAGS): the UNet step's temporary buffer went from 4.5 to 1.4 GB and
   the step from 11.4 to 8.5-9.3 s; the Swin-UNet's from 1.9 to 1.6 GB, its
-  step unchanged. XLA reads XLA_FLAGS when JAX starts its backends, and
-  ignores this flag on GPU and TPU. Name the option in XLA_FLAGS yourself to
-  keep your own setting.
+  step unchanged. XLA reads XLA_FLAGS when JAX starts its backends. The flag
+  is added only where no GPU or TPU plugin of JAX is installed (its work is
+  the CPU's), and not where XLA_FLAGS already names the option.
 - glibc's `glibc.malloc.hugetlb=1` tunable, so that malloc asks for
   transparent huge pages on those mappings (2 MiB pages: 1,400 instead of
   490,000 faults per Swin-UNet step): the Swin-UNet step went from 3.05 s to
@@ -22,6 +22,8 @@ each step. Two settings cut that cost (benchmarks/NOTES.md items 11 and 20,
   Set GLIBC_TUNABLES yourself (even to '') to keep the process as started.
 """
 
+import importlib.metadata
+import importlib.util
 import os
 import sys
 
@@ -59,13 +61,24 @@ def restart_with_huge_pages() -> None:
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
+def accelerator_plugin_installed() -> bool:
+  """Whether JAX can find a GPU or TPU plugin (the `jax_plugins` namespace or
+  entry points, as JAX looks for them, or libtpu)."""
+  if any(importlib.util.find_spec(name) is not None
+         for name in ('jax_plugins', 'libtpu')):
+    return True
+  return bool(importlib.metadata.entry_points(group='jax_plugins'))
+
+
 def schedule_for_memory() -> None:
   """Adds XLA:CPU's memory-minimising schedule to XLA_FLAGS, unless XLA_FLAGS
-  already sets the scheduler option. Takes effect only if called before JAX
-  starts its backends (its first computation)."""
+  already sets the scheduler option or an accelerator plugin is installed.
+  Takes effect only if called before JAX starts its backends (its first
+  computation)."""
   flags = os.environ.get('XLA_FLAGS', '')
-  if SCHEDULER_OPTION not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} {MEMORY_SCHEDULER_FLAG}'.strip()
+  if SCHEDULER_OPTION in flags or accelerator_plugin_installed():
+    return
+  os.environ['XLA_FLAGS'] = f'{flags} {MEMORY_SCHEDULER_FLAG}'.strip()
 
 
 def prepare_process() -> None:

@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from selfreg_jax import host_memory
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -101,6 +103,8 @@ def _step_temp_bytes(schedules: tuple[str, ...]) -> list[int]:
   return temp_bytes
 
 
+@pytest.mark.skipif(host_memory.accelerator_plugin_installed(),
+                    reason='the schedule is added on CPU-only machines')
 def test_memory_schedule_shrinks_the_train_steps_temporary_buffer():
   # Measured: 97.9 MB with XLA:CPU's default schedule, 21.3 MB with it.
   default, memory = _step_temp_bytes(('default', 'memory'))
@@ -120,3 +124,12 @@ def test_schedule_flag_is_added_once_and_a_users_choice_is_kept(monkeypatch):
   monkeypatch.delenv('XLA_FLAGS')
   host_memory.schedule_for_memory()
   assert os.environ['XLA_FLAGS'] == host_memory.MEMORY_SCHEDULER_FLAG
+
+
+def test_schedule_flag_is_left_out_where_an_accelerator_plugin_is_installed(
+    monkeypatch):
+  monkeypatch.setattr(host_memory, 'accelerator_plugin_installed',
+                      lambda: True)
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  host_memory.schedule_for_memory()
+  assert 'XLA_FLAGS' not in os.environ
