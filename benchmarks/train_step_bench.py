@@ -81,8 +81,8 @@ def measure_pair(name: str, batch_size: int, dtype: str,
         next_args=_next_args)
     back_to_back.append(seconds)
   records = []
-  for step, selfreg, runs, pipelined_s in zip(steps, (False, True), times,
-                                              back_to_back):
+  for step, selfreg, runs, back_to_back_s in zip(steps, (False, True), times,
+                                                 back_to_back):
     step_s, flops = timing.median(runs), step.compiled.flops
     records.append({
         'suite': SUITE, **model_setup.describe(step.setup.config),
@@ -90,8 +90,8 @@ def measure_pair(name: str, batch_size: int, dtype: str,
         'compile_s': step.compiled.compile_s,
         'median_s': step_s, 'runs_s': runs,
         'images_per_s': batch_size / step_s,
-        'back_to_back_s': pipelined_s,
-        'back_to_back_images_per_s': batch_size / pipelined_s,
+        'back_to_back_s': back_to_back_s,
+        'back_to_back_images_per_s': batch_size / back_to_back_s,
         'gflop': None if flops is None else flops / 1e9,
         'gflop_per_s': None if flops is None else flops / 1e9 / step_s,
         'xla_memory': timing.compiled_memory(step.compiled.executable),
