@@ -63,26 +63,22 @@ if sys.argv[1] == 'memory':
   host_memory.schedule_for_memory()
 import jax, optax
 sys.path.insert(0, 'tests')
-import tiny_configs
+import tiny_configs, tiny_train_config
 from selfreg_jax import train
 from selfreg_jax.models import create_model
-size, batch_size = tiny_configs.IMAGE_SIZES[-1], int(sys.argv[2])
-model = create_model(tiny_configs.tiny_unet())
-tx = optax.sgd(0.01)
-images = jax.numpy.zeros((batch_size, size, size, 1))
-labels = jax.numpy.zeros((batch_size, size, size), 'int32')
-variables = model.init(jax.random.key(0), images[:1])
-state = train.TrainState(step=jax.numpy.zeros((), 'int32'),
-                         params=variables['params'],
-                         batch_stats=variables['batch_stats'],
-                         opt_state=tx.init(variables['params']))
-loss_config = dict(ce_weight=0.5, dice_weight=0.5, scr_weight=0.0,
-                   ifd_weight=0.0)
-step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
-                                 loss_config=loss_config,
-                                 base_key=jax.random.key(1)))
-compiled = step.lower(state, {'image': images, 'label': labels}).compile()
-print(compiled.memory_analysis().temp_size_in_bytes)
+config = tiny_train_config.get_config('unet')
+config.dataset.image_size = size = tiny_configs.IMAGE_SIZES[-1]
+batch_size = int(sys.argv[2])
+model, tx = create_model(config.model), optax.sgd(0.01)
+state = train.initial_state(model, tx, config, jax.random.key(0))
+channels = config.dataset.in_channels
+batch = {'image': jax.numpy.zeros((batch_size, size, size, channels)),
+         'label': jax.numpy.zeros((batch_size, size, size), 'int32')}
+step = jax.jit(functools.partial(
+    train.train_step, model=model, tx=tx,
+    loss_config=dict(config.loss, use_selfreg=False),
+    base_key=jax.random.key(1)))
+print(step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes)
 '''
 
 
