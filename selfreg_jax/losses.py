@@ -6,7 +6,8 @@ The SelfReg terms (SelfReg-UNet, MICCAI 2024):
 - IFD, internal feature distillation, on one map: channels are ranked by their
   mean activation after L2-normalising each (sample, channel) map over space;
   the upper half of the ranking is pulled towards the lower half (MSE of the
-  normalised maps). The ranking carries no gradient; neither half is detached.
+  raw maps: the normalised maps serve the ranking only). The ranking carries
+  no gradient; neither half is detached.
 - SCR, semantic consistency regularisation, between a tapped map S and the
   final decoder map T: both are average-pooled to the smaller spatial size,
   k = min(C_S, C_T) channels are drawn at random from each, and S is pulled
@@ -130,45 +131,74 @@ take_channels.defvjp(_take_channels_fwd, _take_channels_bwd)
 
 
 def ifd_loss(feature: jax.Array) -> jax.Array:
-  """Internal feature distillation on one (B, H, W, C) map (C >= 2)."""
+  """Internal feature distillation on one (B, H, W, C) map (C >= 2).
+
+  Channels are ranked by their mean over batch and space of the map
+  L2-normalised over (H, W) per (sample, channel); the ranking carries no
+  gradient. The loss is the MSE between the RAW map's upper half of the
+  ranking and its lower half, channel by channel in rank order, as the public
+  code computes it (the normalised map serves the ranking only).
+  """
   x = feature.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True))
-  x = x / jnp.maximum(norm, 1e-12)
-  score = jax.lax.stop_gradient(jnp.mean(x, axis=(0, 1, 2)))
+  ranking_map = jax.lax.stop_gradient(x)
+  norm = jnp.sqrt(jnp.sum(jnp.square(ranking_map), axis=(1, 2), keepdims=True))
+  score = jnp.mean(ranking_map / jnp.maximum(norm, 1e-12), axis=(0, 1, 2))
   half = x.shape[-1] // 2
   ranked = take_channels(x, jnp.argsort(-score)[:2 * half])
   return _mse(ranked[..., :half], ranked[..., half:])
 
 
-def draw_channels(key: jax.Array, student_channels: int,
-                  teacher_channels: int) -> tuple[jax.Array, jax.Array]:
-  """SCR's channel draws: k = min(c_s, c_t) distinct indices into each."""
-  k = min(student_channels, teacher_channels)
-  key_s, key_t = jax.random.split(key)
-  return (jax.random.permutation(key_s, student_channels)[:k],
-          jax.random.permutation(key_t, teacher_channels)[:k])
+class ChannelDraw(NamedTuple):
+  """SCR's channel draw for one tap: k = min(c_s, c_t) distinct indices.
+
+  Attributes:
+    student: (k,) int indices into the tap's channels.
+    teacher: (k,) int indices into the final map's channels.
+  """
+  student: jax.Array
+  teacher: jax.Array
+
+
+def draw_channels(key: jax.Array, features: Features
+                  ) -> tuple[tuple[ChannelDraw, ...], ...]:
+  """Fresh SCR channel draws for every tap, without replacement.
+
+  Returns one tuple per tap group of `features.tap_groups()`, holding one
+  draw per tap in the group's order (encoder taps, then decoder taps). Student
+  and teacher indices are drawn independently.
+  """
+  teacher_channels = features.final.shape[-1]
+  groups = features.tap_groups()
+  draws = []
+  for (encoder, decoder), group_key in zip(
+      groups, jax.random.split(key, len(groups))):
+    taps = encoder + decoder
+    group = []
+    for tap, tap_key in zip(taps, jax.random.split(group_key, len(taps))):
+      k = min(tap.shape[-1], teacher_channels)
+      key_s, key_t = jax.random.split(tap_key)
+      group.append(ChannelDraw(
+          student=jax.random.permutation(key_s, tap.shape[-1])[:k],
+          teacher=jax.random.permutation(key_t, teacher_channels)[:k]))
+    draws.append(tuple(group))
+  return tuple(draws)
 
 
 def scr_loss(student: jax.Array, teacher: jax.Array,
-             key: jax.Array) -> jax.Array:
+             draw: ChannelDraw) -> jax.Array:
   """Semantic consistency between a tap (B, h, w, c) and the final map.
 
-  Both maps are pooled to the smaller of their spatial sizes; k = min(c_s,
-  c_t) channels are drawn without replacement from each, independently.
-  The teacher gets no gradient.
+  Both maps are average-pooled to the smaller of their spatial sizes (a
+  teacher already pooled to that size is used as it is), then
+  MSE(student[..., draw.student], teacher[..., draw.teacher]). The teacher
+  gets no gradient.
   """
   size = (min(student.shape[1], teacher.shape[1]),
           min(student.shape[2], teacher.shape[2]))
   teacher = jax.lax.stop_gradient(adaptive_avg_pool(teacher, size))
-  return _scr_pooled_teacher(student, teacher, key)
-
-
-def _scr_pooled_teacher(student: jax.Array, teacher: jax.Array,
-                        key: jax.Array) -> jax.Array:
-  """SCR once the (stop-gradient) teacher is pooled to <= the tap's size."""
-  student = adaptive_avg_pool(student, teacher.shape[1:3])
-  idx_s, idx_t = draw_channels(key, student.shape[-1], teacher.shape[-1])
-  return _mse(take_channels(student, idx_s), jnp.take(teacher, idx_t, axis=-1))
+  student = adaptive_avg_pool(student, size)
+  return _mse(take_channels(student, draw.student),
+              jnp.take(teacher, draw.teacher, axis=-1))
 
 
 def pooled_pyramid(final: jax.Array,
@@ -196,36 +226,40 @@ class SelfRegTerms(NamedTuple):
   ifd: jax.Array
 
 
-def selfreg_loss(features: Features, key: jax.Array, *,
+def selfreg_loss(features: Features, key: jax.Array | None = None, *,
+                 draws: tuple[tuple[ChannelDraw, ...], ...] | None = None,
                  compute_scr: bool = True,
                  compute_ifd: bool = True) -> SelfRegTerms:
   """The unweighted SCR and IFD sums of DESIGN.md section 2.
 
   For every tap group (UNet: one; Swin-UNet: last-block taps and first-block
   taps) IFD adds mean(IFD over encoder taps) + mean(IFD over decoder taps) and
-  SCR adds mean(SCR of all encoder and decoder taps vs the final map). A term
-  that is switched off is not computed at all (it returns 0).
+  SCR adds mean(SCR of all encoder and decoder taps vs the final map). SCR's
+  channel draws are `draws` when given (as `draw_channels` returns them),
+  else drawn from `key`. A term that is switched off is not computed at all
+  (it returns 0).
   """
   scr = ifd = jnp.zeros((), jnp.float32)
   groups = features.tap_groups()
-  keys = jax.random.split(key, len(groups))
   if compute_scr:
+    if draws is None:
+      draws = draw_channels(key, features)
     final_size = features.final.shape[1:3]
+
+    def teacher_size(tap):
+      return (min(tap.shape[1], final_size[0]), min(tap.shape[2], final_size[1]))
+
     pyramid = pooled_pyramid(features.final, {
-        (min(t.shape[1], final_size[0]), min(t.shape[2], final_size[1]))
-        for encoder, decoder in groups for t in encoder + decoder})
-  for (encoder, decoder), group_key in zip(groups, keys):
+        teacher_size(t) for encoder, decoder in groups
+        for t in encoder + decoder})
+  for group, (encoder, decoder) in enumerate(groups):
     if compute_ifd:
       ifd += jnp.mean(jnp.stack([ifd_loss(f) for f in encoder]))
       ifd += jnp.mean(jnp.stack([ifd_loss(f) for f in decoder]))
     if compute_scr:
-      taps = encoder + decoder
-      tap_keys = jax.random.split(group_key, len(taps))
       scr += jnp.mean(jnp.stack([
-          _scr_pooled_teacher(
-              t, pyramid[(min(t.shape[1], final_size[0]),
-                          min(t.shape[2], final_size[1]))], k)
-          for t, k in zip(taps, tap_keys)]))
+          scr_loss(t, pyramid[teacher_size(t)], draw)
+          for t, draw in zip(encoder + decoder, draws[group], strict=True)]))
   return SelfRegTerms(scr=scr, ifd=ifd)
 
 
