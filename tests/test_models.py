@@ -9,6 +9,7 @@ import pytest
 
 import tiny_configs as tc
 from selfreg_jax.models import Features, create_model
+from selfreg_jax.models.batch_norm import BatchNorm
 from selfreg_jax.models.unet import align_corners_matrix
 
 
@@ -141,6 +142,42 @@ def test_batchnorm_uses_batch_stats_in_training_and_running_averages_in_eval():
   after = jax.tree.leaves(updates['batch_stats'])
   assert any(not np.allclose(a, b) for a, b in zip(before, after))
 
+
+
+def test_batchnorm_matches_pytorch_formulas():
+  """torch.nn.BatchNorm2d, written in NumPy: biased variance normalises the
+  training batch, the UNBIASED one (x n/(n-1)) enters the running average
+  with momentum 0.1; eval normalises with the running statistics."""
+  rng = np.random.default_rng(0)
+  batch, size, channels = tc.BATCH, tc.IMAGE_SIZES[0] // 16, 3
+  x = (rng.normal(size=(batch, size, size, channels)) * [1.0, 3.0, 0.5]
+       + [2.0, -1.0, 0.0]).astype(np.float32)
+  norm = BatchNorm()
+  variables = jax.jit(functools.partial(norm.init, train=True))(
+      jax.random.key(0), x)
+  params = {'scale': rng.uniform(0.5, 2, channels).astype(np.float32),
+            'bias': rng.normal(size=channels).astype(np.float32)}
+  variables = {**variables, 'params': params}
+  train_out, updates = jax.jit(functools.partial(
+      norm.apply, train=True, mutable=['batch_stats']))(variables, x)
+
+  flat = x.reshape(-1, channels).astype(np.float64)
+  mean, var = flat.mean(0), flat.var(0)
+  np.testing.assert_allclose(
+      train_out, (x - mean) / np.sqrt(var + 1e-5) * params['scale']
+      + params['bias'], rtol=1e-4, atol=1e-5)
+  running_mean = 0.9 * 0 + 0.1 * mean
+  running_var = 0.9 * 1 + 0.1 * flat.var(0, ddof=1)
+  np.testing.assert_allclose(updates['batch_stats']['mean'], running_mean,
+                             rtol=1e-5)
+  np.testing.assert_allclose(updates['batch_stats']['var'], running_var,
+                             rtol=1e-6)
+  # Eval after the update, as a converted PyTorch model computes it.
+  eval_out = jax.jit(functools.partial(norm.apply, train=False))(
+      {**variables, **updates}, x)
+  np.testing.assert_allclose(
+      eval_out, (x - running_mean) / np.sqrt(running_var + 1e-5)
+      * params['scale'] + params['bias'], rtol=1e-4, atol=1e-5)
 
 def test_swin_stochastic_depth_uses_dropout_rng_only_in_training():
   size = tc.IMAGE_SIZES[0]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfreg_jax.models import conv
+from selfreg_jax.models.batch_norm import BatchNorm
 from selfreg_jax.models.features import Features
 
 # PyTorch's default conv init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
@@ -45,7 +46,7 @@ def upsample_bilinear_x2(x: jax.Array) -> jax.Array:
 
 
 class DoubleConv(nn.Module):
-  """(3x3 conv without bias, BatchNorm, ReLU) x 2."""
+  """(3x3 conv without bias, BatchNorm (PyTorch semantics), ReLU) x 2."""
   features: int
   mid_features: int | None = None
   dtype: Any = jnp.float32
@@ -56,8 +57,7 @@ class DoubleConv(nn.Module):
       x = nn.Conv(width, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
                   kernel_init=torch_conv_init,
                   conv_general_dilated=conv.conv_general_dilated)(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       epsilon=1e-5, dtype=self.dtype)(x)
+      x = BatchNorm(dtype=self.dtype)(x, train)
       x = nn.relu(x)
     return x
 
