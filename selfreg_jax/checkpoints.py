@@ -48,8 +48,13 @@ def create_manager(workdir: str | pathlib.Path, *, keep_last: int = 3,
     policies.append(checkpoint_managers.BestN(
         get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
         keep_checkpoints_without_metrics=False))
+  # best_fn makes orbax write each step's metrics beside it (without it they
+  # live in memory only, and a resumed run forgets which step was best) and
+  # rank the steps for `best_step`; among equal values the latest step wins,
+  # as BestN keeps it.
   options = ocp.CheckpointManagerOptions(
       preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+      best_fn=lambda metrics: metrics[BEST_METRIC], best_mode='max',
       read_only=read_only, create=not read_only)
   return ocp.CheckpointManager(
       pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
@@ -66,7 +71,11 @@ def write_variables(workdir: str | pathlib.Path, variables: Any,
 
 
 def select_step(manager: ocp.CheckpointManager, which: str) -> int:
-  """The step to evaluate: 'latest', 'best' or a step number as a string."""
+  """The step to evaluate: 'latest', 'best' or a step number as a string.
+
+  'best' is the step with the highest validation Dice; a run never
+  validated (e.g. a converted checkpoint) has none, and gets its latest step.
+  """
   steps = manager.all_steps()
   if not steps:
     raise FileNotFoundError(f'No checkpoint in {manager.directory}: train '

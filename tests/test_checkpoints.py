@@ -1,4 +1,5 @@
-"""Checkpoints of replicated arrays: saved without compiling anything.
+"""Checkpoints: replicated arrays saved without compiling anything; the best
+step is the best by validation Dice.
 
 Orbax's default array handler splits each replicated array over its replicas
 and compiles a slicing program per array shape (152 compiles, 7.6 s, on the
@@ -12,6 +13,11 @@ import os
 import pathlib
 import subprocess
 import sys
+
+import jax
+import orbax.checkpoint as ocp
+
+from selfreg_jax import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEVICES = 8
@@ -71,3 +77,23 @@ def test_saving_replicated_arrays_compiles_nothing_and_restores_them(
   assert result['step'] == 7
   assert result['equal'] is True
   assert result['restored_devices'] == [DEVICES]
+
+
+def test_best_is_the_step_with_the_highest_validation_dice(tmp_path):
+  """Saves whose validation Dice goes down: 'best' is the first, which the
+  retention policy keeps besides the last one; 'latest' is the last."""
+  variables = {'params': {'w': jax.numpy.zeros(3)}}
+  dice_by_step = {1: 0.9, 2: 0.1, 3: 0.2}
+  with checkpoints.create_manager(tmp_path, keep_last=1) as manager:
+    for step, dice in dice_by_step.items():
+      manager.save(step, args=ocp.args.Composite(
+          variables=ocp.args.StandardSave(variables)),
+                   metrics={checkpoints.BEST_METRIC: dice}, force=True)
+    manager.wait_until_finished()
+  with checkpoints.create_manager(tmp_path, read_only=True) as manager:
+    assert manager.all_steps() == [1, 3]
+    assert checkpoints.select_step(manager, 'best') == 1
+    assert checkpoints.select_step(manager, 'latest') == 3
+  _, step = checkpoints.restore_variables(
+      tmp_path, jax.eval_shape(lambda: variables), which='best')
+  assert step == 1
