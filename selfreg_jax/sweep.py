@@ -11,14 +11,21 @@ either nested like the config (`config.sweep = {'loss': {'scr_weight':
 [0.0, 0.01]}}`) or with dotted keys (`config.sweep = ml_collections.ConfigDict(
 {'loss.scr_weight': [0.0, 0.01]}, allow_dotted_keys=True)`); the --grid flags
 (values parsed as Python literals, anything else kept as a string). The
-points are the Cartesian product, keys in the given order. Point
+points are the Cartesian product, keys in the given order (`seed` first). Point
 {a: 1, b: 2} runs in `ROOT/a=1,b=2` with `config.a = 1`, `config.b = 2`
 (and without `config.sweep`).
+
+Any config field can be a key, `seed` included: a grid over `seed` and a
+setting gives repeated runs of each setting, which `selfreg_jax.report`
+groups into arms (mean +- std over seeds, paired differences).
 
 The points run one after another in this process (train.train_and_evaluate,
 mode train_and_eval). The sweep is resumable: a point whose workdir already
 holds an evaluation summary (`eval/*/summary.json`) is skipped, and an
-interrupted point resumes from its last checkpoint. With --print-commands
+interrupted point resumes from its last checkpoint. `ROOT/sweep.json` records
+each point's status and its wall time in seconds (summed over the sessions
+that ran it). When every point is done, the report of the sweep
+(`selfreg_jax.report` on ROOT, split config.eval.split) is written into ROOT. With --print-commands
 nothing runs: one `python main.py ...` line per point is printed (run from
 the repository root), e.g. for a cluster scheduler.
 """
@@ -26,19 +33,24 @@ the repository root), e.g. for a cluster scheduler.
 import ast
 import copy
 import itertools
+import json
 import pathlib
 import shlex
+import time
 from typing import Any, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import ml_collections
 from ml_collections import config_flags
 
 from selfreg_jax import evaluate
+from selfreg_jax import report
 
 SWEEP_FIELD = 'sweep'
+SWEEP_RECORD = 'sweep.json'
 Grid = dict[str, list[Any]]
 
 
@@ -95,8 +107,13 @@ def config_grid(config: ml_collections.ConfigDict,
 
 
 def grid_points(grid: Grid) -> list[dict[str, Any]]:
-  """The Cartesian product of the grid, as {key: value} dicts."""
-  keys = list(grid)
+  """The Cartesian product of the grid, as {key: value} dicts.
+
+  `seed` varies slowest (first key), the other keys follow in the grid's
+  order: the points of one seed run together, so an interrupted study of
+  seeds x settings still has complete sets of settings.
+  """
+  keys = sorted(grid, key=lambda k: k != report.SEED_KEY)
   return [dict(zip(keys, values))
           for values in itertools.product(*(grid[k] for k in keys))]
 
@@ -143,9 +160,22 @@ def is_done(workdir: str | pathlib.Path) -> bool:
       f'{evaluate.EVAL_DIR}/*/{evaluate.SUMMARY_FILE}'))
 
 
+def _record_point(root: pathlib.Path, name: str, status: str,
+                  seconds: float) -> None:
+  """Adds a point's status and wall time to ROOT/sweep.json (process 0)."""
+  if jax.process_index() > 0:
+    return
+  path = root / SWEEP_RECORD
+  record = json.loads(path.read_text()) if path.exists() else {}
+  entry = record.setdefault(name, {'status': status, 'seconds': 0.0})
+  entry['status'] = status
+  entry['seconds'] = round(entry['seconds'] + seconds, 1)
+  evaluate.write_atomic(path, (json.dumps(record, indent=1) + '\n').encode())
+
+
 def run_sweep(config: ml_collections.ConfigDict, root: str | pathlib.Path,
               grid: Grid) -> dict[str, str]:
-  """Trains and evaluates every point not done yet.
+  """Trains and evaluates every point not done yet, then writes the report.
 
   Returns {point folder name: 'trained' or 'skipped'}.
   """
@@ -162,8 +192,18 @@ def run_sweep(config: ml_collections.ConfigDict, root: str | pathlib.Path,
       status[name] = 'skipped'
       continue
     logging.info('Sweep point %d/%d: %s', i + 1, len(points), name)
-    train.train_and_evaluate(run_config, str(workdir), 'train_and_eval')
+    start, outcome = time.time(), 'interrupted'
+    try:
+      train.train_and_evaluate(run_config, str(workdir), 'train_and_eval')
+      outcome = 'done' if is_done(workdir) else 'interrupted'
+    finally:
+      _record_point(root, name, outcome, time.time() - start)
+    if outcome != 'done':   # pre-empted: rerun the sweep to resume
+      return status
     status[name] = 'trained'
+  if jax.process_index() == 0:
+    report.write_report([root], split=config.eval.split)
+  logging.info('Sweep report: %s', root / report.REPORT_MD)
   return status
 
 
