@@ -366,8 +366,8 @@ class PretrainedReport:
 
 _SWIN_BLOCK = re.compile(r'layers\.(\d+)\.blocks\.(\d+)\.(.+)')
 IMAGENET_FINAL_NORM_REASON = (
-    'final norm, kept at init per DESIGN.md section 6 (the public load_from '
-    'loads it: load_final_norm=True)')
+    'final norm, not loaded: config.init.load_final_norm=False (the public '
+    'load_from loads it into the bottleneck norm)')
 
 
 def _imagenet_destinations(name: str, depths: Sequence[int],
@@ -414,24 +414,26 @@ def load_swin_imagenet(
     variables: Mapping[str, Any],
     model_config: ml_collections.ConfigDict,
     *,
-    load_final_norm: bool = False,
+    load_final_norm: bool = True,
 ) -> tuple[dict[str, Any], PretrainedReport]:
   """Initialises a Swin-UNet from an ImageNet Swin checkpoint.
 
   Following DESIGN.md section 6: the patch embedding and the encoder stages
-  (blocks and PatchMerging) load directly; blocks past this model's depth, the
-  classification head and the final encoder `norm` are dropped; every encoder
-  stage i's blocks are also copied into decoder stage (stages - 1 - i), i.e.
-  `layers_up.{3-i}` (decoder stage 0 is a PatchExpand and gets nothing);
-  everything else keeps its value in `variables`.
+  (blocks and PatchMerging) load directly; the final encoder `norm` loads into
+  our bottleneck `norm` (same name and shape) unless `load_final_norm` is
+  False; blocks past this model's depth and the classification head are
+  dropped; every encoder stage i's blocks are also copied into decoder stage
+  (stages - 1 - i), i.e. `layers_up.{3-i}` (decoder stage 0 is a PatchExpand
+  and gets nothing); everything else keeps its value in `variables`.
 
   Args:
     source: `swin_tiny_patch4_window7_224.pth` (a dict with key 'model') or an
       already loaded flat state dict.
     variables: the initialised Swin-UNet variables.
     model_config: `config.model` of the Swin-UNet (gives the stage depths).
-    load_final_norm: also load the ImageNet final `norm` into our bottleneck
-      norm, as the public Swin-Unet load_from does.
+    load_final_norm: load the ImageNet final `norm` into our bottleneck norm,
+      as the public Swin-Unet load_from does (`config.init.load_final_norm`);
+      False drops it and keeps the bottleneck norm as it is in `variables`.
 
   Returns:
     (variables with the loaded leaves replaced by NumPy arrays, report). The

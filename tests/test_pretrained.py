@@ -479,29 +479,29 @@ def test_imagenet_swin_t_init_loads_mirrors_and_drops(imagenet):
 
   beyond_depth = {name for name in source if _block(name)
                   and _block(name)[1] >= depths[_block(name)[0]]}
-  head_and_norm = {name for name in source
-                   if name.startswith(('head.', 'norm.'))}
+  head = {name for name in source if name.startswith('head.')}
   buffers = {name for name in source if RECOMPUTED.match(name)}
   assert beyond_depth and buffers
   assert {name for name, _ in report.dropped} == (
-      beyond_depth | head_and_norm | buffers)
+      beyond_depth | head | buffers)
   assert {name for name, _ in report.loaded} == (
-      set(source) - beyond_depth - head_and_norm - buffers)
+      set(source) - beyond_depth - head - buffers)
   assert {name for name, _ in report.mirrored} == {
       name for name in set(source) - beyond_depth - buffers
       if _block(name) and _block(name)[0] < last}
-  assert dict(report.dropped)['norm.weight'] == (
-      pretrained.IMAGENET_FINAL_NORM_REASON)
+  # The final norm loads into the bottleneck norm, as the public load_from.
+  assert ('norm.weight', 'params/norm/scale') in report.loaded
+  assert ('norm.bias', 'params/norm/bias') in report.loaded
 
   # Left at init: decoder stage 0 (a PatchExpand), the decoder's concat
-  # Linears and PatchExpands, the bottleneck norm, norm_up, up and output.
+  # Linears and PatchExpands, norm_up, up and output.
   names = pretrained.torch_names(variables, 'swin_unet')
   paths = {'/'.join(path): name for name, path in names.items()}
   untouched = {paths[path] for path in report.random_init}
   assert untouched == {
       name for name in learnable(reference_shapes(config))
       if re.match(r'layers_up\.0\.|concat_back_dim\.|layers_up\.\d\.upsample\.'
-                  r'|norm\.|norm_up\.|up\.|output\.', name)}
+                  r'|norm_up\.|up\.|output\.', name)}
   assert len(report.loaded) + len(report.mirrored) + len(
       report.random_init) == len(ours)
 
@@ -511,15 +511,21 @@ def test_imagenet_swin_t_init_loads_mirrors_and_drops(imagenet):
   assert re.search(r'layers\.0\.blocks\.1\.attn\.qkv\.weight +-> '
                    r'params/layers_up_3/blocks_1/attn/qkv/kernel', table)
   assert re.search(r'head\.weight +: ImageNet classification head', table)
+  assert re.search(r'\n  norm\.weight +-> params/norm/scale\n', table)
 
 
-def test_imagenet_final_norm_can_be_loaded_like_the_public_code(imagenet):
+def test_imagenet_final_norm_can_be_kept_at_init(imagenet):
   config, variables, source = imagenet
   result, report = pretrained.load_swin_imagenet(source, variables, config,
-                                                 load_final_norm=True)
-  assert ('norm.weight', 'params/norm/scale') in report.loaded
-  np.testing.assert_array_equal(flat(result)['params/norm/scale'],
-                                source['norm.weight'])
+                                                 load_final_norm=False)
+  for name, path in (('norm.weight', 'params/norm/scale'),
+                     ('norm.bias', 'params/norm/bias')):
+    assert dict(report.dropped)[name] == pretrained.IMAGENET_FINAL_NORM_REASON
+    assert path in report.random_init
+    np.testing.assert_array_equal(flat(result)[path], flat(variables)[path])
+  assert re.search(r'norm\.weight +: final norm, not loaded: '
+                   r'config\.init\.load_final_norm=False',
+                   pretrained.format_report(report))
 
 
 def test_imagenet_shape_mismatch_raises_unless_the_entry_is_dropped(imagenet):
