@@ -393,13 +393,21 @@ def test_export_then_import_gives_the_same_variables_and_outputs(config_fn):
   np.testing.assert_array_equal(imported_features.final, features.final)
 
 
+@pytest.mark.parametrize('with_prefix', [True, False])
+@pytest.mark.parametrize('with_buffers', [True, False])
 @pytest.mark.parametrize('config_fn', [tc.tiny_unet, tc.tiny_swin])
-def test_import_accepts_recomputed_buffers_and_the_wrapper_prefix(config_fn):
+def test_import_accepts_files_with_or_without_buffers_and_prefix(
+    config_fn, with_buffers, with_prefix):
+  """Buffers are ignored (here they even hold random values)."""
   config = config_fn()
   shapes = reference_shapes(config)
   state_dict = random_state_dict(shapes)
   assert any(RECOMPUTED.match(name) for name in state_dict)
-  prefix = pretrained.TORCH_MODELS[config.name].wrapper_prefix or ''
+  if not with_buffers:
+    state_dict = {name: value for name, value in state_dict.items()
+                  if not RECOMPUTED.match(name)}
+  prefix = (pretrained.TORCH_MODELS[config.name].wrapper_prefix or ''
+            if with_prefix else '')
   imported = pretrained.import_torch_state_dict(
       {prefix + name: value for name, value in state_dict.items()},
       abstract(config_fn), config.name)
@@ -439,6 +447,123 @@ def test_import_lists_every_gap_leftover_and_shape_mismatch(config_fn):
     positions = [message.index(name) for name in sorted(group)]
     assert positions == sorted(positions)  # All listed, sorted.
   assert f'{misshapen}: checkpoint' in message
+
+
+# --- The public models' full state dicts (buffers and wrapper prefix). -------
+
+BATCHES_TRACKED = 3  # Any count: num_batches_tracked carries it through.
+CROSS_REGION_MASK = -100.0  # What Swin adds between tokens of two regions.
+
+
+def zero_variables(config_fn):
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                      abstract(config_fn))
+
+
+def torch_relative_position_index(window):
+  """Swin's index, token pair by pair (row-major tokens p, q of one window):
+  (dy + w - 1) * (2w - 1) + (dx + w - 1), d = position of p minus that of q."""
+  tokens = [(y, x) for y in range(window) for x in range(window)]
+  return np.array([[(yp - yq + window - 1) * (2 * window - 1) + xp - xq
+                    + window - 1 for yq, xq in tokens] for yp, xp in tokens],
+                  np.int64)
+
+
+@functools.cache
+def torch_attn_mask(resolution, window, shift):
+  """Swin's shifted-window mask, token pair by pair, windows row-major.
+
+  After the cyclic shift each axis has three bands, [0, R-w), [R-w, R-s) and
+  [R-s, R); two tokens of a window attend freely (0) when they lie in the same
+  band on both axes, else the mask is -100.
+  """
+  def band(c):
+    return (c >= resolution - window) + (c >= resolution - shift)
+
+  count = resolution // window
+  mask = np.zeros((count * count, window * window, window * window),
+                  np.float32)
+  for wy in range(count):
+    for wx in range(count):
+      regions = [(band(wy * window + a), band(wx * window + b))
+                 for a in range(window) for b in range(window)]
+      for p, region_p in enumerate(regions):
+        for q, region_q in enumerate(regions):
+          if region_p != region_q:
+            mask[wy * count + wx, p, q] = CROSS_REGION_MASK
+  return mask
+
+
+@pytest.mark.parametrize('config_fn', [tc.tiny_unet, tc.full_unet,
+                                       tc.tiny_swin, tc.full_swin])
+def test_public_state_dict_has_every_name_shape_and_dtype_of_pytorch(
+    config_fn):
+  config = config_fn()
+  state_dict = pretrained.public_torch_state_dict(zero_variables(config_fn),
+                                                  config)
+  prefix = 'swin_unet.' if config.name == 'swin_unet' else ''
+  assert {name: (value.shape, value.dtype)
+          for name, value in state_dict.items()} == {
+              prefix + name: (shape, np.dtype(dtype))
+              for name, (shape, dtype) in reference_shapes(config).items()}
+
+
+@pytest.mark.parametrize('config_fn, counts', [
+    (tc.full_unet, {'num_batches_tracked': 18}),  # 9 DoubleConvs x 2.
+    # 8 encoder + 6 decoder blocks; the shifted odd blocks of the 56, 28 and
+    # 14 stages in encoder and decoder (the 7x7 bottleneck does not shift).
+    (tc.full_swin, {'relative_position_index': 14, 'attn_mask': 6}),
+])
+def test_full_size_public_state_dict_buffer_counts(config_fn, counts):
+  config = config_fn()
+  names = pretrained.public_torch_state_dict(zero_variables(config_fn),
+                                             config)
+  found = {kind: sum(name.endswith('.' + kind) for name in names)
+           for kind in counts}
+  assert found == counts
+
+
+@pytest.mark.parametrize('config_fn', [tc.tiny_swin, tc.full_swin])
+def test_public_swin_buffers_are_what_torch_computes(config_fn):
+  config = config_fn()
+  spec = SwinSpec.of(config)
+  last = len(spec.depths) - 1
+  state_dict = pretrained.public_torch_state_dict(zero_variables(config_fn),
+                                                  config)
+  buffers = {name: value for name, value in state_dict.items()
+             if RECOMPUTED.match(name)}
+  for name, value in buffers.items():
+    kind, number, block = re.match(
+        r'swin_unet\.(layers|layers_up)\.(\d+)\.blocks\.(\d+)\.', name).groups()
+    stage = int(number) if kind == 'layers' else last - int(number)
+    resolution = spec.image_size // spec.patch_size // 2 ** stage
+    if name.endswith('relative_position_index'):
+      expected = torch_relative_position_index(min(spec.window_size,
+                                                   resolution))
+    else:
+      assert int(block) % 2 and resolution > spec.window_size, name
+      expected = torch_attn_mask(resolution, spec.window_size,
+                                 spec.window_size // 2)
+    assert value.dtype == expected.dtype, name
+    np.testing.assert_array_equal(value, expected, err_msg=name)
+  assert any(name.endswith('attn_mask') for name in buffers)
+
+
+@pytest.mark.parametrize('config_fn', [tc.tiny_unet, tc.tiny_swin])
+def test_public_state_dict_holds_the_variables_and_imports_back(config_fn):
+  config = config_fn()
+  variables = random_variables(abstract(config_fn))
+  state_dict = pretrained.public_torch_state_dict(
+      variables, config, batches_tracked=BATCHES_TRACKED)
+  prefix = pretrained.TORCH_MODELS[config.name].wrapper_prefix or ''
+  bare = pretrained.export_torch_state_dict(variables, config.name)
+  for name, value in bare.items():
+    np.testing.assert_array_equal(state_dict[prefix + name], value)
+  for name, value in state_dict.items():
+    if name.endswith('num_batches_tracked'):
+      assert value.shape == () and value == BATCHES_TRACKED, name
+  assert_trees_equal(pretrained.import_torch_state_dict(
+      state_dict, abstract(config_fn), config.name), variables)
 
 
 # --- ImageNet Swin-T initialisation. -----------------------------------------
