@@ -93,6 +93,9 @@ def get_config(dataset: str = 'demo', model: str = 'unet'
       # ImageNet Swin-T checkpoint (swin_tiny_patch4_window7_224.pth) for the
       # Swin-UNet encoder and mirrored decoder; None = random init.
       pretrained=config_dict.placeholder(str),
+      # Also load that checkpoint's final `norm` into the bottleneck LayerNorm,
+      # as the public Swin-Unet load_from does; False keeps it at random init.
+      load_final_norm=True,
   ))
 
   config.log_every_steps = 50

@@ -25,6 +25,8 @@ NON_NEGATIVE = ('loss.ce_weight', 'loss.dice_weight', 'loss.scr_weight',
                 'loss.ifd_weight', 'optimizer.weight_decay',
                 'optimizer.grad_clip_norm', 'dataset.num_workers',
                 'image_summary_every_steps', 'early_stopping_patience', 'seed')
+BOOLEAN = ('loss.use_selfreg', 'dataset.augment', 'dataset.volumetric',
+           'init.load_final_norm', 'eval.save_predictions')
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,10 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train_and_eval',
   for key in NON_NEGATIVE:
     if not _get(config, key) >= 0:
       raise ConfigError(f'config.{key}={_get(config, key)!r} must be >= 0.')
+  for key in BOOLEAN:
+    if not isinstance(_get(config, key), bool):
+      raise ConfigError(f'config.{key}={_get(config, key)!r} must be True or '
+                        'False.')
   if config.eval_every_steps < -1:
     raise ConfigError(f'config.eval_every_steps={config.eval_every_steps} '
                       'must be >= -1 (0: only at the end, -1: never).')
@@ -82,6 +88,11 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
         f'config.model.num_classes={model.num_classes} does not fit '
         f'config.dataset.num_classes={dataset.num_classes} (use '
         f'{dataset.num_classes}, or 1 sigmoid logit for a binary set).')
+  if config.init.pretrained and model.name != 'swin_unet':
+    raise ConfigError(
+        f'config.init.pretrained={config.init.pretrained!r}: the ImageNet '
+        "Swin-T initialisation needs config.model.name='swin_unet', got "
+        f'{model.name!r}.')
   if model.name == 'swin_unet':
     if model.image_size != dataset.image_size:
       raise ConfigError(

@@ -9,10 +9,23 @@ CKPT may be a torch.save file (.pth/.pt/.bin, read without torch), a
 .safetensors or a .npz file holding a trained Pytorch-UNet or Swin-Unet state
 dict; every variable of `config.model` must be filled by exactly one entry.
 
+Buffers that torch stores but our models recompute (relative_position_index,
+attn_mask, num_batches_tracked) are ignored, present or not, and Swin-UNet
+names may carry the SwinUnet wrapper's 'swin_unet.' prefix or not.
+
 orbax -> safetensors with PyTorch names and layouts:
 
   python -m selfreg_jax.convert --to-safetensors OUT.safetensors --workdir RUN \
-      [--checkpoint latest] [--config configs/X.py]
+      [--checkpoint latest] [--config configs/X.py] [--nostrict]
+
+By default the file is the public model's full state dict, which
+`SwinUnet(...).load_state_dict(..., strict=True)` (Swin-Unet) or
+`UNet(...).load_state_dict(..., strict=True)` (Pytorch-UNet) accepts: names
+with the 'swin_unet.' wrapper prefix, and every buffer with the value torch
+computes; each BatchNorm's num_batches_tracked is the checkpoint's step (one
+BatchNorm update per training step; 0 for a checkpoint imported from torch).
+`--nostrict` writes only our variables, under SwinTransformerSys /
+Pytorch-UNet names (for `strict=False` loading).
 
 The model comes from `--config` when given, else from the config stored with
 the run's checkpoint.
@@ -47,6 +60,10 @@ _TO_SAFETENSORS = flags.DEFINE_string(
     'to-safetensors', None, 'Export the model variables of --workdir to this '
     '.safetensors file with PyTorch names and layouts.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory to export.')
+_STRICT = flags.DEFINE_boolean(
+    'strict', True, "Export the public PyTorch model's full state dict (the "
+    "'swin_unet.' wrapper prefix and every buffer torch registers), for "
+    'load_state_dict(strict=True); --nostrict: only our variables.')
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', 'latest', "Checkpoint of --workdir to export: 'latest', "
     "'best' or a step number.")
@@ -102,13 +119,23 @@ def stored_config(workdir: str | pathlib.Path,
 def orbax_to_safetensors(workdir: str | pathlib.Path,
                          out: str | pathlib.Path,
                          config: ml_collections.ConfigDict | None = None,
-                         which: str = 'latest') -> dict[str, Any]:
-  """Exports a run's model variables with PyTorch names; returns them."""
+                         which: str = 'latest',
+                         strict: bool = True) -> dict[str, Any]:
+  """Exports a run's model variables with PyTorch names; returns them.
+
+  With `strict`, the public PyTorch model's full state dict
+  (`pretrained.public_torch_state_dict`, num_batches_tracked = the step);
+  else only our variables (`pretrained.export_torch_state_dict`).
+  """
   config = config or stored_config(workdir, which)
   variables, step = checkpoints.restore_variables(
       workdir, abstract_variables(config.model), which)
-  state_dict = pretrained.export_torch_state_dict(variables,
-                                                  config.model.name)
+  if strict:
+    state_dict = pretrained.public_torch_state_dict(variables, config.model,
+                                                    batches_tracked=step)
+  else:
+    state_dict = pretrained.export_torch_state_dict(variables,
+                                                    config.model.name)
   torch_io.save_safetensors(state_dict, out)
   logging.info('Exported %d tensors of %s step %d to %s.', len(state_dict),
                workdir, step, out)
@@ -129,7 +156,7 @@ def main(argv: Sequence[str]) -> None:
     if not _WORKDIR.value:
       raise app.UsageError('--to-safetensors needs --workdir.')
     orbax_to_safetensors(_WORKDIR.value, _TO_SAFETENSORS.value, _CONFIG.value,
-                         _CHECKPOINT.value)
+                         _CHECKPOINT.value, _STRICT.value)
 
 
 if __name__ == '__main__':

@@ -7,9 +7,17 @@ name of the same tensor in the public PyTorch model:
   * `swin_torch_name`: SwinTransformerSys of the public Swin-Unet code (the
     `SwinUnet` wrapper there prefixes every name with 'swin_unet.', which is
     accepted and stripped on import).
-Buffers that PyTorch stores but our models recompute (BatchNorm
-`num_batches_tracked`, Swin `attn.relative_position_index` and `attn_mask`)
-are skipped on import and not written on export.
+
+Buffers. PyTorch also stores buffers that our models recompute or do not
+need: BatchNorm `num_batches_tracked`, Swin `attn.relative_position_index`
+(every block) and `attn_mask` (blocks that shift their windows). They hold no
+learned value (the window and image size fix the Swin ones; the counter only
+matters to a BatchNorm without momentum), so import ignores them, present or
+not, without checking their values: a Swin-UNet trained at another image size
+with the same windows imports as well.
+`export_torch_state_dict` writes our variables only; `public_torch_state_dict`
+adds every buffer with the value PyTorch computes, and the wrapper prefix, for
+`load_state_dict(strict=True)` on the public model.
 
 Layouts. Linear weights are (out, in) in PyTorch and (in, out) here; Conv2d
 weights are (O, I, kh, kw) in PyTorch and (kh, kw, I, O) here; LayerNorm and
@@ -34,6 +42,7 @@ import numpy as np
 
 from selfreg_jax import torch_io
 from selfreg_jax.models import create_model
+from selfreg_jax.models import swin_unet
 
 VariablePath = tuple[str, ...]
 StateDict = dict[str, np.ndarray]
@@ -162,6 +171,66 @@ def swin_torch_name(path: VariablePath) -> str:
   return '.'.join(names + [_leaf_name(path)])
 
 
+def unet_torch_buffers(names: Sequence[str],
+                       model_config: ml_collections.ConfigDict,
+                       batches_tracked: int) -> StateDict:
+  """Pytorch-UNet's buffers: each BatchNorm's `num_batches_tracked`.
+
+  Args:
+    names: the PyTorch names of our UNet's variables.
+    model_config: unused (the names give every BatchNorm).
+    batches_tracked: the count to store, an int64 scalar as in torch.
+  """
+  del model_config  # Unused.
+  return {name.removesuffix('running_mean') + 'num_batches_tracked':
+          np.array(batches_tracked, np.int64)
+          for name in names if name.endswith('.running_mean')}
+
+
+_SWIN_BIAS_TABLE = re.compile(
+    r'(layers|layers_up)\.(\d+)\.blocks\.(\d+)\.attn\.'
+    r'relative_position_bias_table')
+
+
+def swin_torch_buffers(names: Sequence[str],
+                       model_config: ml_collections.ConfigDict,
+                       batches_tracked: int) -> StateDict:
+  """SwinTransformerSys' buffers, with the values PyTorch computes.
+
+  Every block has `attn.relative_position_index` ((N, N) int64, N = w*w for
+  its window w); a block that shifts its windows (odd blocks of a stage whose
+  resolution exceeds the window) also has `attn_mask` ((nW, N, N) float32, 0
+  within a region and -100 across, windows in row-major order). Other blocks
+  register the mask as None, which is not in the state dict.
+
+  Args:
+    names: the PyTorch names of our Swin-UNet's variables.
+    model_config: `config.model` (image size, patch, window and depths give
+      each stage's resolution and window).
+    batches_tracked: unused (no BatchNorm).
+  """
+  del batches_tracked  # Unused.
+  model = create_model(model_config)
+  windows = swin_unet.stage_windows(model.image_size, model.patch_size,
+                                    len(model.depths), model.window_size)
+  last = len(model.depths) - 1
+  buffers = {}
+  for name in names:
+    table = _SWIN_BIAS_TABLE.fullmatch(name)
+    if not table:
+      continue
+    kind, number, index = table[1], int(table[2]), int(table[3])
+    resolution, window, shift = windows[number if kind == 'layers'
+                                        else last - number]
+    block = name.removesuffix('attn.relative_position_bias_table')
+    buffers[block + 'attn.relative_position_index'] = (
+        swin_unet.relative_position_index(window).astype(np.int64))
+    if shift and index % 2:
+      buffers[block + 'attn_mask'] = swin_unet.shifted_window_mask(
+          resolution, window, shift).reshape(-1, window ** 2, window ** 2)
+  return buffers
+
+
 @dataclasses.dataclass(frozen=True)
 class TorchModel:
   """How one of our models is named in PyTorch.
@@ -169,18 +238,23 @@ class TorchModel:
   Attributes:
     torch_name: our variable path -> PyTorch state dict name.
     recomputed_buffers: name suffixes of PyTorch buffers our model recomputes.
-    wrapper_prefix: a prefix some PyTorch checkpoints put on every name.
+    buffers: (PyTorch names of our variables, config.model, batches tracked)
+      -> every buffer of the PyTorch model, named and valued as torch has it.
+    wrapper_prefix: the prefix of every name in the public wrapper model's
+      state dict (written on export, accepted with or without on import).
   """
   torch_name: Callable[[VariablePath], str]
   recomputed_buffers: tuple[str, ...]
+  buffers: Callable[[Sequence[str], ml_collections.ConfigDict, int], StateDict]
   wrapper_prefix: str | None = None
 
 
 TORCH_MODELS = {
-    'unet': TorchModel(unet_torch_name, ('.num_batches_tracked',)),
+    'unet': TorchModel(unet_torch_name, ('.num_batches_tracked',),
+                       unet_torch_buffers),
     'swin_unet': TorchModel(swin_torch_name,
                             ('.attn.relative_position_index', '.attn_mask'),
-                            wrapper_prefix='swin_unet.'),
+                            swin_torch_buffers, wrapper_prefix='swin_unet.'),
 }
 
 
@@ -337,14 +411,38 @@ def export_torch_state_dict(variables: Mapping[str, Any],
                             model_name: str) -> StateDict:
   """All variables under their PyTorch names, in PyTorch layout.
 
-  Buffers our models recompute (see module docstring) are not written, so load
-  the result into PyTorch with `strict=False` or add them there. Swin-UNet
-  names are those of SwinTransformerSys (no 'swin_unet.' prefix).
+  Only our variables: no buffers (see module docstring) and Swin-UNet names
+  as in SwinTransformerSys (no 'swin_unet.' prefix), so the result loads into
+  PyTorch with `strict=False`; `public_torch_state_dict` is the strict one.
   """
   flat = traverse_util.flatten_dict(variables)
   return {name: np.ascontiguousarray(to_torch_layout(path,
                                                      np.asarray(flat[path])))
           for name, path in sorted(torch_names(variables, model_name).items())}
+
+
+def public_torch_state_dict(variables: Mapping[str, Any],
+                            model_config: ml_collections.ConfigDict,
+                            batches_tracked: int = 0) -> StateDict:
+  """The state dict of the public PyTorch model, buffers included.
+
+  What `load_state_dict(strict=True)` needs on Pytorch-UNet's `UNet` or on the
+  Swin-Unet wrapper `SwinUnet` (whose `swin_unet` is the SwinTransformerSys):
+  `export_torch_state_dict`, plus every buffer with the value torch computes
+  (see `unet_torch_buffers`, `swin_torch_buffers`), with the wrapper prefix.
+
+  Args:
+    variables: the model's variables (arrays).
+    model_config: `config.model` of those variables.
+    batches_tracked: each BatchNorm's `num_batches_tracked`; a run's training
+      step counts them (every step updates every BatchNorm once).
+  """
+  torch_model = _torch_model(model_config.name)
+  state_dict = export_torch_state_dict(variables, model_config.name)
+  state_dict.update(torch_model.buffers(list(state_dict), model_config,
+                                        batches_tracked))
+  prefix = torch_model.wrapper_prefix or ''
+  return {prefix + name: value for name, value in sorted(state_dict.items())}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,8 +464,8 @@ class PretrainedReport:
 
 _SWIN_BLOCK = re.compile(r'layers\.(\d+)\.blocks\.(\d+)\.(.+)')
 IMAGENET_FINAL_NORM_REASON = (
-    'final norm, kept at init per DESIGN.md section 6 (the public load_from '
-    'loads it: load_final_norm=True)')
+    'final norm, not loaded: config.init.load_final_norm=False (the public '
+    'load_from loads it into the bottleneck norm)')
 
 
 def _imagenet_destinations(name: str, depths: Sequence[int],
@@ -414,24 +512,26 @@ def load_swin_imagenet(
     variables: Mapping[str, Any],
     model_config: ml_collections.ConfigDict,
     *,
-    load_final_norm: bool = False,
+    load_final_norm: bool = True,
 ) -> tuple[dict[str, Any], PretrainedReport]:
   """Initialises a Swin-UNet from an ImageNet Swin checkpoint.
 
   Following DESIGN.md section 6: the patch embedding and the encoder stages
-  (blocks and PatchMerging) load directly; blocks past this model's depth, the
-  classification head and the final encoder `norm` are dropped; every encoder
-  stage i's blocks are also copied into decoder stage (stages - 1 - i), i.e.
-  `layers_up.{3-i}` (decoder stage 0 is a PatchExpand and gets nothing);
-  everything else keeps its value in `variables`.
+  (blocks and PatchMerging) load directly; the final encoder `norm` loads into
+  our bottleneck `norm` (same name and shape) unless `load_final_norm` is
+  False; blocks past this model's depth and the classification head are
+  dropped; every encoder stage i's blocks are also copied into decoder stage
+  (stages - 1 - i), i.e. `layers_up.{3-i}` (decoder stage 0 is a PatchExpand
+  and gets nothing); everything else keeps its value in `variables`.
 
   Args:
     source: `swin_tiny_patch4_window7_224.pth` (a dict with key 'model') or an
       already loaded flat state dict.
     variables: the initialised Swin-UNet variables.
     model_config: `config.model` of the Swin-UNet (gives the stage depths).
-    load_final_norm: also load the ImageNet final `norm` into our bottleneck
-      norm, as the public Swin-Unet load_from does.
+    load_final_norm: load the ImageNet final `norm` into our bottleneck norm,
+      as the public Swin-Unet load_from does (`config.init.load_final_norm`);
+      False drops it and keeps the bottleneck norm as it is in `variables`.
 
   Returns:
     (variables with the loaded leaves replaced by NumPy arrays, report). The

@@ -23,8 +23,8 @@ import collections
 import io
 import os
 import pickle
+import secrets
 import sys
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -277,18 +277,23 @@ def state_dict_of(checkpoint: Mapping[str, Any]) -> StateDict:
 
 
 def save_safetensors(state_dict: Mapping[str, Any], path: PathLike) -> None:
-  """Writes a flat {name: array} dict to `path` atomically (temp + rename)."""
+  """Writes a flat {name: array} dict to `path` atomically (temp + rename).
+
+  Shapes are kept as they are, 0-d included (BatchNorm's num_batches_tracked);
+  the file gets the mode any new file gets under the process umask.
+  """
   path = Path(path)
   arrays = {}
   for name, value in state_dict.items():
     if not isinstance(name, str):
       raise ValueError(f'{path}: state dict name {name!r} is not a string')
-    arrays[name] = np.ascontiguousarray(np.asarray(value))
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.',
-                             suffix='.tmp')
-  os.close(fd)
+    arrays[name] = np.asarray(value, order='C')
+  data = safetensors.numpy.save(arrays)
+  tmp = path.with_name(f'.{path.name}.{secrets.token_hex(8)}.tmp')
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
-    safetensors.numpy.save_file(arrays, tmp)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)

@@ -316,9 +316,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     state = init_fn(init_key)
     if config.init.pretrained:
-      variables, report = pretrained.load_swin_imagenet(
-          config.init.pretrained, state.variables(), config.model)
-      logging.info('Pretrained init:\n%s', pretrained.format_report(report))
+      variables, _ = pretrained.load_swin_imagenet(
+          config.init.pretrained, state.variables(), config.model,
+          load_final_norm=config.init.load_final_norm)
       state = state.replace(params=jax.device_put(variables['params'],
                                                   replicated))
 

@@ -2,7 +2,7 @@
 
 The PyTorch files are torch.save archives written without torch (see
 test_torch_io) holding state dicts laid out like the public models' (buffers
-and the Swin-Unet wrapper's 'swin_unet.' prefix included).
+and the Swin-Unet wrapper's 'swin_unet.' prefix included, or left out).
 """
 
 import os
@@ -20,7 +20,8 @@ from selfreg_jax import convert
 from selfreg_jax import pretrained
 from selfreg_jax import torch_io
 from test_pretrained import (abstract, assert_trees_equal, learnable,
-                             random_state_dict, reference_shapes)
+                             random_state_dict, random_variables,
+                             reference_shapes)
 from test_torch_io import _contiguous, _write_torch_zip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ CLI_TIMEOUT_S = 120
 # How the public code's checkpoints name things: DataParallel's 'module.' for
 # the UNet, the SwinUnet wrapper's 'swin_unet.' for the Swin-UNet.
 SAVED_PREFIX = {'unet': 'module.', 'swin_unet': 'swin_unet.'}
+TRAINED_STEPS = 7  # Step of a run to export: every BatchNorm updated 7 times.
 
 
 def _config_file(tmp_path, model_config):
@@ -68,13 +70,48 @@ def test_cli_converts_a_pytorch_checkpoint_and_exports_it_back(tmp_path,
   assert_trees_equal(restored, pretrained.import_torch_state_dict(
       source, abstract(config_fn), config.name))
 
+  # By default: the public model's full state dict (load_state_dict with
+  # strict=True), buffers and the wrapper prefix included.
   exported = tmp_path / 'exported.safetensors'
   result = _cli('--to-safetensors', exported, '--workdir', run)
   assert result.returncode == 0, result.stderr
   state_dict = torch_io.load_checkpoint(exported)
+  prefix = 'swin_unet.' if config.name == 'swin_unet' else ''
+  assert {name: (value.shape, value.dtype)
+          for name, value in state_dict.items()} == {
+              prefix + name: (shape, np.dtype(dtype))
+              for name, (shape, dtype) in reference_shapes(config).items()}
+  for name in learnable(reference_shapes(config)):
+    np.testing.assert_array_equal(state_dict[prefix + name], source[name])
+  for name, value in state_dict.items():
+    if name.endswith('num_batches_tracked'):
+      assert value == step, name  # The BatchNorm updates of `step` steps.
+
+  bare = tmp_path / 'bare.safetensors'
+  result = _cli('--to-safetensors', bare, '--workdir', run, '--nostrict')
+  assert result.returncode == 0, result.stderr
+  state_dict = torch_io.load_checkpoint(bare)
   assert state_dict.keys() == learnable(reference_shapes(config)).keys()
   for name, value in state_dict.items():
     np.testing.assert_array_equal(value, source[name])
+
+
+def test_export_stores_the_step_as_num_batches_tracked(tmp_path):
+  config = tc.tiny_unet()
+  run = tmp_path / 'run'
+  checkpoints.write_variables(run, random_variables(abstract(tc.tiny_unet)),
+                              ml_collections.ConfigDict({'model': config}),
+                              step=TRAINED_STEPS)
+  out = tmp_path / 'unet.safetensors'
+  convert.orbax_to_safetensors(run, out)
+  tracked = {name: value
+             for name, value in torch_io.load_checkpoint(out).items()
+             if name.endswith('.num_batches_tracked')}
+  assert tracked.keys() == {name for name in reference_shapes(config)
+                            if name.endswith('.num_batches_tracked')}
+  for name, value in tracked.items():
+    assert value.shape == () and value.dtype == np.int64, name
+    assert value == TRAINED_STEPS, name
 
 
 def test_cli_config_overrides_apply_and_mismatches_fail_clearly(tmp_path):

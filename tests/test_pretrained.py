@@ -393,13 +393,21 @@ def test_export_then_import_gives_the_same_variables_and_outputs(config_fn):
   np.testing.assert_array_equal(imported_features.final, features.final)
 
 
+@pytest.mark.parametrize('with_prefix', [True, False])
+@pytest.mark.parametrize('with_buffers', [True, False])
 @pytest.mark.parametrize('config_fn', [tc.tiny_unet, tc.tiny_swin])
-def test_import_accepts_recomputed_buffers_and_the_wrapper_prefix(config_fn):
+def test_import_accepts_files_with_or_without_buffers_and_prefix(
+    config_fn, with_buffers, with_prefix):
+  """Buffers are ignored (here they even hold random values)."""
   config = config_fn()
   shapes = reference_shapes(config)
   state_dict = random_state_dict(shapes)
   assert any(RECOMPUTED.match(name) for name in state_dict)
-  prefix = pretrained.TORCH_MODELS[config.name].wrapper_prefix or ''
+  if not with_buffers:
+    state_dict = {name: value for name, value in state_dict.items()
+                  if not RECOMPUTED.match(name)}
+  prefix = (pretrained.TORCH_MODELS[config.name].wrapper_prefix or ''
+            if with_prefix else '')
   imported = pretrained.import_torch_state_dict(
       {prefix + name: value for name, value in state_dict.items()},
       abstract(config_fn), config.name)
@@ -441,6 +449,123 @@ def test_import_lists_every_gap_leftover_and_shape_mismatch(config_fn):
   assert f'{misshapen}: checkpoint' in message
 
 
+# --- The public models' full state dicts (buffers and wrapper prefix). -------
+
+BATCHES_TRACKED = 3  # Any count: num_batches_tracked carries it through.
+CROSS_REGION_MASK = -100.0  # What Swin adds between tokens of two regions.
+
+
+def zero_variables(config_fn):
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                      abstract(config_fn))
+
+
+def torch_relative_position_index(window):
+  """Swin's index, token pair by pair (row-major tokens p, q of one window):
+  (dy + w - 1) * (2w - 1) + (dx + w - 1), d = position of p minus that of q."""
+  tokens = [(y, x) for y in range(window) for x in range(window)]
+  return np.array([[(yp - yq + window - 1) * (2 * window - 1) + xp - xq
+                    + window - 1 for yq, xq in tokens] for yp, xp in tokens],
+                  np.int64)
+
+
+@functools.cache
+def torch_attn_mask(resolution, window, shift):
+  """Swin's shifted-window mask, token pair by pair, windows row-major.
+
+  After the cyclic shift each axis has three bands, [0, R-w), [R-w, R-s) and
+  [R-s, R); two tokens of a window attend freely (0) when they lie in the same
+  band on both axes, else the mask is -100.
+  """
+  def band(c):
+    return (c >= resolution - window) + (c >= resolution - shift)
+
+  count = resolution // window
+  mask = np.zeros((count * count, window * window, window * window),
+                  np.float32)
+  for wy in range(count):
+    for wx in range(count):
+      regions = [(band(wy * window + a), band(wx * window + b))
+                 for a in range(window) for b in range(window)]
+      for p, region_p in enumerate(regions):
+        for q, region_q in enumerate(regions):
+          if region_p != region_q:
+            mask[wy * count + wx, p, q] = CROSS_REGION_MASK
+  return mask
+
+
+@pytest.mark.parametrize('config_fn', [tc.tiny_unet, tc.full_unet,
+                                       tc.tiny_swin, tc.full_swin])
+def test_public_state_dict_has_every_name_shape_and_dtype_of_pytorch(
+    config_fn):
+  config = config_fn()
+  state_dict = pretrained.public_torch_state_dict(zero_variables(config_fn),
+                                                  config)
+  prefix = 'swin_unet.' if config.name == 'swin_unet' else ''
+  assert {name: (value.shape, value.dtype)
+          for name, value in state_dict.items()} == {
+              prefix + name: (shape, np.dtype(dtype))
+              for name, (shape, dtype) in reference_shapes(config).items()}
+
+
+@pytest.mark.parametrize('config_fn, counts', [
+    (tc.full_unet, {'num_batches_tracked': 18}),  # 9 DoubleConvs x 2.
+    # 8 encoder + 6 decoder blocks; the shifted odd blocks of the 56, 28 and
+    # 14 stages in encoder and decoder (the 7x7 bottleneck does not shift).
+    (tc.full_swin, {'relative_position_index': 14, 'attn_mask': 6}),
+])
+def test_full_size_public_state_dict_buffer_counts(config_fn, counts):
+  config = config_fn()
+  names = pretrained.public_torch_state_dict(zero_variables(config_fn),
+                                             config)
+  found = {kind: sum(name.endswith('.' + kind) for name in names)
+           for kind in counts}
+  assert found == counts
+
+
+@pytest.mark.parametrize('config_fn', [tc.tiny_swin, tc.full_swin])
+def test_public_swin_buffers_are_what_torch_computes(config_fn):
+  config = config_fn()
+  spec = SwinSpec.of(config)
+  last = len(spec.depths) - 1
+  state_dict = pretrained.public_torch_state_dict(zero_variables(config_fn),
+                                                  config)
+  buffers = {name: value for name, value in state_dict.items()
+             if RECOMPUTED.match(name)}
+  for name, value in buffers.items():
+    kind, number, block = re.match(
+        r'swin_unet\.(layers|layers_up)\.(\d+)\.blocks\.(\d+)\.', name).groups()
+    stage = int(number) if kind == 'layers' else last - int(number)
+    resolution = spec.image_size // spec.patch_size // 2 ** stage
+    if name.endswith('relative_position_index'):
+      expected = torch_relative_position_index(min(spec.window_size,
+                                                   resolution))
+    else:
+      assert int(block) % 2 and resolution > spec.window_size, name
+      expected = torch_attn_mask(resolution, spec.window_size,
+                                 spec.window_size // 2)
+    assert value.dtype == expected.dtype, name
+    np.testing.assert_array_equal(value, expected, err_msg=name)
+  assert any(name.endswith('attn_mask') for name in buffers)
+
+
+@pytest.mark.parametrize('config_fn', [tc.tiny_unet, tc.tiny_swin])
+def test_public_state_dict_holds_the_variables_and_imports_back(config_fn):
+  config = config_fn()
+  variables = random_variables(abstract(config_fn))
+  state_dict = pretrained.public_torch_state_dict(
+      variables, config, batches_tracked=BATCHES_TRACKED)
+  prefix = pretrained.TORCH_MODELS[config.name].wrapper_prefix or ''
+  bare = pretrained.export_torch_state_dict(variables, config.name)
+  for name, value in bare.items():
+    np.testing.assert_array_equal(state_dict[prefix + name], value)
+  for name, value in state_dict.items():
+    if name.endswith('num_batches_tracked'):
+      assert value.shape == () and value == BATCHES_TRACKED, name
+  assert_trees_equal(pretrained.import_torch_state_dict(
+      state_dict, abstract(config_fn), config.name), variables)
+
+
 # --- ImageNet Swin-T initialisation. -----------------------------------------
 
 
@@ -479,29 +604,29 @@ def test_imagenet_swin_t_init_loads_mirrors_and_drops(imagenet):
 
   beyond_depth = {name for name in source if _block(name)
                   and _block(name)[1] >= depths[_block(name)[0]]}
-  head_and_norm = {name for name in source
-                   if name.startswith(('head.', 'norm.'))}
+  head = {name for name in source if name.startswith('head.')}
   buffers = {name for name in source if RECOMPUTED.match(name)}
   assert beyond_depth and buffers
   assert {name for name, _ in report.dropped} == (
-      beyond_depth | head_and_norm | buffers)
+      beyond_depth | head | buffers)
   assert {name for name, _ in report.loaded} == (
-      set(source) - beyond_depth - head_and_norm - buffers)
+      set(source) - beyond_depth - head - buffers)
   assert {name for name, _ in report.mirrored} == {
       name for name in set(source) - beyond_depth - buffers
       if _block(name) and _block(name)[0] < last}
-  assert dict(report.dropped)['norm.weight'] == (
-      pretrained.IMAGENET_FINAL_NORM_REASON)
+  # The final norm loads into the bottleneck norm, as the public load_from.
+  assert ('norm.weight', 'params/norm/scale') in report.loaded
+  assert ('norm.bias', 'params/norm/bias') in report.loaded
 
   # Left at init: decoder stage 0 (a PatchExpand), the decoder's concat
-  # Linears and PatchExpands, the bottleneck norm, norm_up, up and output.
+  # Linears and PatchExpands, norm_up, up and output.
   names = pretrained.torch_names(variables, 'swin_unet')
   paths = {'/'.join(path): name for name, path in names.items()}
   untouched = {paths[path] for path in report.random_init}
   assert untouched == {
       name for name in learnable(reference_shapes(config))
       if re.match(r'layers_up\.0\.|concat_back_dim\.|layers_up\.\d\.upsample\.'
-                  r'|norm\.|norm_up\.|up\.|output\.', name)}
+                  r'|norm_up\.|up\.|output\.', name)}
   assert len(report.loaded) + len(report.mirrored) + len(
       report.random_init) == len(ours)
 
@@ -511,15 +636,21 @@ def test_imagenet_swin_t_init_loads_mirrors_and_drops(imagenet):
   assert re.search(r'layers\.0\.blocks\.1\.attn\.qkv\.weight +-> '
                    r'params/layers_up_3/blocks_1/attn/qkv/kernel', table)
   assert re.search(r'head\.weight +: ImageNet classification head', table)
+  assert re.search(r'\n  norm\.weight +-> params/norm/scale\n', table)
 
 
-def test_imagenet_final_norm_can_be_loaded_like_the_public_code(imagenet):
+def test_imagenet_final_norm_can_be_kept_at_init(imagenet):
   config, variables, source = imagenet
   result, report = pretrained.load_swin_imagenet(source, variables, config,
-                                                 load_final_norm=True)
-  assert ('norm.weight', 'params/norm/scale') in report.loaded
-  np.testing.assert_array_equal(flat(result)['params/norm/scale'],
-                                source['norm.weight'])
+                                                 load_final_norm=False)
+  for name, path in (('norm.weight', 'params/norm/scale'),
+                     ('norm.bias', 'params/norm/bias')):
+    assert dict(report.dropped)[name] == pretrained.IMAGENET_FINAL_NORM_REASON
+    assert path in report.random_init
+    np.testing.assert_array_equal(flat(result)[path], flat(variables)[path])
+  assert re.search(r'norm\.weight +: final norm, not loaded: '
+                   r'config\.init\.load_final_norm=False',
+                   pretrained.format_report(report))
 
 
 def test_imagenet_shape_mismatch_raises_unless_the_entry_is_dropped(imagenet):

@@ -12,6 +12,7 @@ import dataclasses
 import io
 import os
 import pickle
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -24,6 +25,7 @@ from selfreg_jax import torch_io
 
 ROWS, COLS = 4, 6
 SEED = 0
+UMASK = 0o027  # Not the usual 0o022, so the file mode shows it applied.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +139,7 @@ def _write_torch_zip(path: Path, obj: Any, prefix: str = 'archive',
 
 def _contiguous(array: np.ndarray, key: str) -> Tensor:
   """A contiguous Tensor over its own storage, holding `array`."""
-  array = np.ascontiguousarray(array)
+  array = np.asarray(array, order='C')  # Keeps 0-d tensors 0-d.
   strides = tuple(s // array.itemsize for s in array.strides)
   storage = Storage(key, STORAGE_KINDS[array.dtype], array.ravel())
   return Tensor(storage, 0, array.shape, strides)
@@ -329,14 +331,22 @@ def test_truncated_and_garbage_files(tmp_path):
 def test_safetensors_round_trip_is_atomic(tmp_path):
   state_dict = {dtype.name: _random(dtype) for dtype in STORAGE_KINDS}
   state_dict['transposed'] = _random(np.float32).T
+  # 0-d, like BatchNorm's num_batches_tracked.
+  state_dict['scalar'] = np.array(ROWS * COLS, np.int64)
   path = tmp_path / 'w.safetensors'
   path.write_bytes(b'old contents')
-  torch_io.save_safetensors(state_dict, path)
+  umask = os.umask(UMASK)
+  try:
+    torch_io.save_safetensors(state_dict, path)
+  finally:
+    os.umask(umask)
   assert os.listdir(tmp_path) == ['w.safetensors']
+  assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~UMASK
   loaded = torch_io.load_checkpoint(path)
   assert sorted(loaded) == sorted(state_dict)
   for name, value in state_dict.items():
     assert loaded[name].dtype == value.dtype, name
+    assert loaded[name].shape == value.shape, name
     np.testing.assert_array_equal(loaded[name], value, err_msg=name)
 
 

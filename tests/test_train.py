@@ -240,6 +240,8 @@ def test_unknown_config_key_fails_before_compilation(tiny_demo_data_dir,
     (lambda c: c.model.update(image_size=40), 'config.model.image_size'),
     (lambda c: c.optimizer.update(name='lamb'), 'config.optimizer.name'),
     (lambda c: c.model.update(num_classes=3), 'config.model.num_classes'),
+    (lambda c: c.init.update(load_final_norm=None),
+     'config.init.load_final_norm=None must be True or False'),
 ])
 def test_bad_config_values_fail_with_the_key_named(tiny_demo_data_dir, change,
                                                    message):
@@ -249,3 +251,12 @@ def test_bad_config_values_fail_with_the_key_named(tiny_demo_data_dir, change,
     config.dataset.image_size = 40
   with pytest.raises(configuration.ConfigError, match=message):
     configuration.validate(config, device_count=8, process_count=1)
+
+
+def test_imagenet_init_of_a_unet_fails_with_the_key_named():
+  config = tiny_train_config.get_config('unet')
+  config.init.pretrained = 'swin_tiny_patch4_window7_224.pth'
+  with pytest.raises(configuration.ConfigError,
+                     match=r"config\.init\.pretrained=.*needs "
+                     r"config\.model\.name='swin_unet', got 'unet'"):
+    configuration.validate(config, device_count=1, process_count=1)
