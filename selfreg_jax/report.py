@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from selfreg_jax import analysis
 from selfreg_jax import checkpoints
 from selfreg_jax import evaluate
+from selfreg_jax import files
 
 REPORT_MD = 'report.md'
 REPORT_CSV = 'report.csv'
@@ -245,7 +246,7 @@ def write_report(roots: Sequence[str | pathlib.Path],
   runs = [load_run(w, split) for w in find_run_dirs(roots)]
   out_dir = pathlib.Path(out_dir if out_dir is not None else roots[0])
   header, rows = table_rows(runs)
-  write = evaluate.write_atomic  # pylint: disable=protected-access
+  write = files.write_atomic
   write(out_dir / REPORT_MD, markdown_table(header, rows).encode())
   write(out_dir / REPORT_CSV, csv_table(header, rows).encode())
   write(out_dir / REPORT_PLOT, dice_plot(runs, plot_key(runs, x_key)))

@@ -33,7 +33,6 @@ import math
 import os
 import pickle
 import sys
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -43,6 +42,8 @@ import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+
+from selfreg_jax import files
 
 PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, np.ndarray]
@@ -391,12 +392,4 @@ def save_safetensors(state_dict: Mapping[str, Any], path: PathLike) -> None:
     if not isinstance(name, str):
       raise ValueError(f'{path}: state dict name {name!r} is not a string')
     arrays[name] = np.ascontiguousarray(np.asarray(value))
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.',
-                             suffix='.tmp')
-  os.close(fd)
-  try:
-    safetensors.numpy.save_file(arrays, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  files.write_atomic(path, safetensors.numpy.save(arrays))

@@ -382,13 +382,14 @@ def test_truncated_and_garbage_files(tmp_path):
     torch_io.load_checkpoint(garbage)
 
 
-def test_safetensors_round_trip_is_atomic(tmp_path):
+def test_safetensors_round_trip_is_atomic(tmp_path, umask):
   state_dict = {dtype.name: _random(dtype) for dtype in STORAGE_KINDS}
   state_dict['transposed'] = _random(np.float32).T
   path = tmp_path / 'w.safetensors'
   path.write_bytes(b'old contents')
   torch_io.save_safetensors(state_dict, path)
   assert os.listdir(tmp_path) == ['w.safetensors']
+  assert path.stat().st_mode & 0o777 == 0o666 & ~umask
   loaded = torch_io.load_checkpoint(path)
   assert sorted(loaded) == sorted(state_dict)
   for name, value in state_dict.items():
