@@ -7,13 +7,13 @@ runs, and a run time is the median of several runs after warm-up.
 
 import json
 import os
-import pathlib
 import statistics
-import tempfile
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+
+from selfreg_jax import files
 
 
 def device_summary() -> dict[str, Any]:
@@ -162,14 +162,4 @@ def format_bytes(count: int | None) -> str:
 def write_json(path: str | os.PathLike, payload: Any) -> None:
   """Writes `payload` as JSON through a temporary file beside `path`, then
   renames it over `path`, so that no half-written file is ever left."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  handle, temp_path = tempfile.mkstemp(dir=path.parent, prefix=path.name,
-                                       suffix='.tmp')
-  try:
-    with os.fdopen(handle, 'w') as f:
-      json.dump(payload, f, indent=2)
-    os.replace(temp_path, path)
-  except BaseException:
-    os.unlink(temp_path)
-    raise
+  files.write_atomic(path, json.dumps(payload, indent=2).encode())

@@ -59,6 +59,7 @@ from scipy import ndimage
 
 from selfreg_jax import checkpoints
 from selfreg_jax import evaluate
+from selfreg_jax import files
 from selfreg_jax import inference
 from selfreg_jax import input_pipeline
 from selfreg_jax import visualize
@@ -66,8 +67,6 @@ from selfreg_jax.models import Features
 from selfreg_jax.models import create_model
 
 ANALYSIS_DIR = 'analysis'
-# Writes bytes to a temporary file beside the path, then renames it.
-write_atomic = evaluate.write_atomic  # pylint: disable=protected-access
 # NaN (e.g. the similarity of a one-channel tap) -> null.
 json_safe = evaluate.json_safe  # pylint: disable=protected-access
 # A module call: (module path, index of this call of that module).
@@ -374,11 +373,12 @@ def analyze_case(config: ml_collections.ConfigDict,
   arrays = io.BytesIO()
   np.savez_compressed(arrays, **{f'gradcam/{n}': c for n, c in cams.items()},
                       **{f'similarity/{n}': m for n, m in matrices.items()})
-  write_atomic(out_dir / 'gradcam.png', gradcam_png)
-  write_atomic(out_dir / 'similarity.png', similarity_png)
-  write_atomic(out_dir / 'maps.npz', arrays.getvalue())
-  write_atomic(out_dir / 'analysis.json',
-               (json.dumps(json_safe(numbers), indent=2) + '\n').encode())
+  files.write_atomic(out_dir / 'gradcam.png', gradcam_png)
+  files.write_atomic(out_dir / 'similarity.png', similarity_png)
+  files.write_atomic(out_dir / 'maps.npz', arrays.getvalue())
+  files.write_atomic(
+      out_dir / 'analysis.json',
+      (json.dumps(json_safe(numbers), indent=2) + '\n').encode())
 
   prefix = f'{split}/{case_id}/class{class_id}'
   writer = metric_writers.create_default_writer(workdir / ANALYSIS_DIR)

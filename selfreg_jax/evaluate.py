@@ -38,9 +38,7 @@ import io
 import itertools
 import json
 import math
-import os
 import pathlib
-import tempfile
 import time
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -55,6 +53,7 @@ from scipy import ndimage
 
 from data_prep import sources
 from selfreg_jax import checkpoints
+from selfreg_jax import files
 from selfreg_jax import inference
 from selfreg_jax import input_pipeline
 from selfreg_jax import metrics
@@ -429,27 +428,14 @@ def render_overlay(case: PredictedCase, num_classes: int) -> np.ndarray:
   return np.round(np.concatenate(panels, axis=1) * 255).astype(np.uint8)
 
 
-def write_atomic(path: pathlib.Path, data: bytes) -> None:
-  """Writes `data` to a temporary file beside `path`, then renames it."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-  try:
-    with os.fdopen(handle, 'wb') as f:
-      f.write(data)
-    os.replace(temporary, path)
-  except BaseException:
-    os.unlink(temporary)
-    raise
-
-
 def _write_text(path: pathlib.Path, text: str) -> None:
-  write_atomic(path, text.encode())
+  files.write_atomic(path, text.encode())
 
 
 def _write_png(path: pathlib.Path, rgb: np.ndarray) -> None:
   buffer = io.BytesIO()
   Image.fromarray(rgb).save(buffer, format='PNG')
-  write_atomic(path, buffer.getvalue())
+  files.write_atomic(path, buffer.getvalue())
 
 
 def _write_nifti(path: pathlib.Path, prediction: np.ndarray,
@@ -459,4 +445,4 @@ def _write_nifti(path: pathlib.Path, prediction: np.ndarray,
   image = nib.Nifti1Image(np.transpose(prediction, (2, 1, 0)),
                           affine=np.diag([x, y, z, 1.0]))
   image.header.set_xyzt_units('mm')
-  write_atomic(path, gzip.compress(image.to_bytes()))
+  files.write_atomic(path, gzip.compress(image.to_bytes()))

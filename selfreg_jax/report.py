@@ -50,6 +50,7 @@ from scipy import stats
 from selfreg_jax import analysis
 from selfreg_jax import checkpoints
 from selfreg_jax import evaluate
+from selfreg_jax import files
 
 REPORT_MD = 'report.md'
 REPORT_CSV = 'report.csv'
@@ -448,7 +449,7 @@ def write_report(roots: Sequence[str | pathlib.Path],
   markdown = (f'## Arms ({len(arms)}), mean ± std over seeds\n\n'
               + arms_markdown(arms, arm_columns)
               + f'\n## Runs ({len(runs)})\n\n' + markdown_table(header, rows))
-  write = evaluate.write_atomic
+  write = files.write_atomic
   write(out_dir / REPORT_MD, markdown.encode())
   write(out_dir / REPORT_CSV, csv_table(header, rows).encode())
   write(out_dir / ARMS_CSV, arms_csv(arms, arm_columns).encode())

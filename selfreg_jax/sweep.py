@@ -47,6 +47,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from selfreg_jax import evaluate
+from selfreg_jax import files
 from selfreg_jax import report
 
 SWEEP_FIELD = 'sweep'
@@ -170,7 +171,7 @@ def _record_point(root: pathlib.Path, name: str, status: str,
   entry = record.setdefault(name, {'status': status, 'seconds': 0.0})
   entry['status'] = status
   entry['seconds'] = round(entry['seconds'] + seconds, 1)
-  evaluate.write_atomic(path, (json.dumps(record, indent=1) + '\n').encode())
+  files.write_atomic(path, (json.dumps(record, indent=1) + '\n').encode())
 
 
 def run_sweep(config: ml_collections.ConfigDict, root: str | pathlib.Path,

@@ -17,23 +17,33 @@ rebuild functions, the storage types and `collections.OrderedDict`; any other
 global is refused before it is looked up, so a checkpoint cannot run code.
 Tensors come back as NumPy arrays (bfloat16 as `ml_dtypes.bfloat16`), Parameters
 as their data; every other leaf is kept as pickled.
+
+Memory is bounded by the file's size before anything large is allocated:
+torch.save stores every record uncompressed, so a compressed record is refused;
+a tensor may hold no more elements than its storage record does (a stride-0
+view of one element is refused), and the tensors together at most
+`_TENSOR_BYTES_PER_FILE_BYTE` times the file's bytes. `.npz` files go through
+`read_npz`, which bounds them the same way. Every refusal is a CheckpointError
+that names the file.
 """
 
 import collections
 import io
+import math
 import os
 import pickle
-import secrets
 import sys
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Dict, Mapping, NamedTuple, Sequence, Union
+from typing import IO, Any, Dict, Mapping, NamedTuple, Sequence, Union
 
 import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+
+from selfreg_jax import files
 
 PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, np.ndarray]
@@ -61,6 +71,14 @@ _STORAGE_DTYPES = {
 _REBUILD_TENSOR = 'torch._utils._rebuild_tensor_v2'
 _REBUILD_PARAMETER = ('torch._utils._rebuild_parameter',
                       'torch._utils._rebuild_parameter_with_state')
+# The tensors of a torch file may together hold at most this many times the
+# file's bytes: each tensor is a copy, and a storage that several tensors view
+# (tied weights) is copied once per tensor.
+_TENSOR_BYTES_PER_FILE_BYTE = 4
+# The members of an .npz file may declare at most this many times the file's
+# bytes unpacked: np.savez_compressed shrinks weights and images a few times,
+# a deflate bomb about 1000 times.
+_NPZ_EXPANSION = 100
 
 
 class CheckpointError(ValueError):
@@ -96,6 +114,9 @@ class _TorchUnpickler(pickle.Unpickler):
       raise CheckpointError(f'{path}: unknown byteorder record {byteorder!r}')
     self._byteorder = byteorder
     self._storages: Dict[str, np.ndarray] = {}
+    self._tensor_bytes_allowed = (_TENSOR_BYTES_PER_FILE_BYTE *
+                                  path.stat().st_size)
+    self._tensor_bytes = 0
 
   def find_class(self, module: str, name: str) -> Any:
     qualname = f'{module}.{name}'
@@ -136,7 +157,12 @@ class _TorchUnpickler(pickle.Unpickler):
   def _rebuild_tensor(self, storage: np.ndarray, offset: int,
                       size: Sequence[int], stride: Sequence[int],
                       *unused_grad_hooks_metadata) -> np.ndarray:
-    """Copies the view (offset, size, stride in elements) out of `storage`."""
+    """Copies the view (offset, size, stride in elements) out of `storage`.
+
+    The view must stay inside the storage and hold no more elements than it
+    (so a stride-0 expansion of a few stored values is refused), and all
+    tensors together at most `_TENSOR_BYTES_PER_FILE_BYTE` x the file's bytes.
+    """
     size, stride = tuple(size), tuple(stride)
     numbers = (offset,) + size + stride
     if not (isinstance(storage, np.ndarray) and storage.ndim == 1
@@ -151,6 +177,17 @@ class _TorchUnpickler(pickle.Unpickler):
       raise CheckpointError(
           f'{self._path}: tensor (offset={offset}, size={size}, '
           f'stride={stride}) reaches past its storage of {storage.size}')
+    count = math.prod(size)
+    if count > storage.size:
+      raise CheckpointError(
+          f'{self._path}: tensor (offset={offset}, size={size}, '
+          f'stride={stride}) has {count} elements, more than the '
+          f'{storage.size} its storage holds')
+    self._tensor_bytes += count * storage.itemsize
+    if self._tensor_bytes > self._tensor_bytes_allowed:
+      raise CheckpointError(
+          f'{self._path}: its tensors hold over {self._tensor_bytes_allowed} '
+          f'bytes, more than {_TENSOR_BYTES_PER_FILE_BYTE} x the file\'s size')
     view = np.lib.stride_tricks.as_strided(
         storage[offset:], shape=size,
         strides=[s * storage.itemsize for s in stride], writeable=False)
@@ -176,6 +213,21 @@ def _read_record(archive: zipfile.ZipFile, name: str, path: Path) -> bytes:
     raise CheckpointError(f'{path}: corrupt record {name!r}: {e}') from e
 
 
+def _check_unpacked_size(archive: zipfile.ZipFile, path: Path,
+                         expansion: int) -> None:
+  """Refuses an archive whose members unpack to over `expansion` x its bytes.
+
+  zipfile unpacks no member past the size the archive declares for it, so this
+  bounds what reading every member can allocate.
+  """
+  declared = sum(info.file_size for info in archive.infolist())
+  size = path.stat().st_size
+  if declared > expansion * size:
+    raise CheckpointError(
+        f'{path}: its members unpack to {declared} bytes, more than '
+        f'{expansion} x the file\'s {size} bytes (a zip bomb?)')
+
+
 def _archive_prefix(archive: zipfile.ZipFile, path: Path) -> str:
   """Returns the top-level folder ('archive/') that holds data.pkl."""
   prefixes = [n[:-len('data.pkl')] for n in archive.namelist()
@@ -196,6 +248,13 @@ def _load_torch(path: Path) -> Any:
                           f'(starts with {magic!r})')
   try:
     with zipfile.ZipFile(path) as archive:
+      compressed = [info.filename for info in archive.infolist()
+                    if info.compress_type != zipfile.ZIP_STORED]
+      if compressed:
+        raise CheckpointError(
+            f'{path}: record {compressed[0]!r} is compressed; torch.save '
+            'stores every record uncompressed (a zip bomb?)')
+      _check_unpacked_size(archive, path, 1)
       unpickler = _TorchUnpickler(archive, _archive_prefix(archive, path), path)
       return unpickler.load()
   except CheckpointError:
@@ -214,12 +273,61 @@ def _load_safetensors(path: Path) -> StateDict:
     raise CheckpointError(f'{path}: corrupt safetensors file: {e}') from e
 
 
-def _load_npz(path: Path) -> StateDict:
+def _npy_data_bytes(member: IO[bytes], path: Path, name: str) -> int:
+  """Checks the .npy header at the start of `member`; returns its data bytes.
+
+  Raises:
+    CheckpointError: an object (pickled) array.
+  """
+  version = np.lib.format.read_magic(member)
+  # Formats 2.0 and 3.0 share one layout; 3.0 only encodes the text as UTF-8.
+  read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                 else np.lib.format.read_array_header_2_0)
+  shape, _, dtype = read_header(member)
+  if dtype.hasobject:
+    raise CheckpointError(f'{path}: array {name!r} holds Python objects, '
+                          'which are never unpickled')
+  return math.prod(shape) * dtype.itemsize
+
+
+def read_npz(path: PathLike) -> StateDict:
+  """Reads every array of an `.npz` file, refusing memory bombs first.
+
+  Before any array is allocated: the members together may declare at most
+  `_NPZ_EXPANSION` x the file's bytes unpacked (this bounds a deflate bomb),
+  and each member's .npy header must claim exactly the bytes the member holds
+  (so a header claiming a huge shape is refused). Object arrays are refused.
+
+  Args:
+    path: an .npz file (np.savez or np.savez_compressed).
+
+  Returns:
+    {name: array}, names without the '.npy' suffix, as np.load gives them.
+
+  Raises:
+    CheckpointError: a refusal or an unreadable file, naming the file.
+  """
+  path = Path(path)
+  arrays = {}
   try:
-    with np.load(path, allow_pickle=False) as arrays:
-      return {name: arrays[name] for name in arrays.files}
-  except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+    with zipfile.ZipFile(path) as archive:
+      _check_unpacked_size(archive, path, _NPZ_EXPANSION)
+      for info in archive.infolist():
+        name = info.filename.removesuffix('.npy')
+        with archive.open(info) as member:
+          claimed = _npy_data_bytes(member, path, name)
+          held = info.file_size - member.tell()
+          if claimed != held:
+            raise CheckpointError(
+                f'{path}: array {name!r} claims {claimed} bytes in its header '
+                f'but holds {held}')
+          member.seek(0)
+          arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+  except CheckpointError:
+    raise
+  except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
     raise CheckpointError(f'{path}: unreadable npz file: {e}') from e
+  return arrays
 
 
 def load_checkpoint(path: PathLike) -> Any:
@@ -248,7 +356,7 @@ def load_checkpoint(path: PathLike) -> Any:
   if suffix == '.safetensors':
     return _load_safetensors(path)
   if suffix == '.npz':
-    return _load_npz(path)
+    return read_npz(path)
   raise CheckpointError(f'{path}: unknown checkpoint suffix {suffix!r}; '
                         f'expected one of {_SUPPORTED_SUFFIXES}')
 
@@ -288,13 +396,4 @@ def save_safetensors(state_dict: Mapping[str, Any], path: PathLike) -> None:
     if not isinstance(name, str):
       raise ValueError(f'{path}: state dict name {name!r} is not a string')
     arrays[name] = np.asarray(value, order='C')
-  data = safetensors.numpy.save(arrays)
-  tmp = path.with_name(f'.{path.name}.{secrets.token_hex(8)}.tmp')
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  files.write_atomic(path, safetensors.numpy.save(arrays))

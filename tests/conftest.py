@@ -30,6 +30,21 @@ for path in (ROOT, ROOT / 'tests'):
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+# The umask the file-mode tests run under unless they choose one: the group
+# may read what is written, others may not (mkstemp's 0o600 would fail).
+TEST_UMASK = 0o027
+
+
+@pytest.fixture
+def umask(request):
+  """Sets the process umask (TEST_UMASK or the test's indirect parameter)
+  for the test, restores the old one after it, and yields the one set."""
+  mask = getattr(request, 'param', TEST_UMASK)
+  previous = os.umask(mask)
+  yield mask
+  os.umask(previous)
+
+
 @pytest.fixture(scope='session')
 def tiny_demo_data_dir(tmp_path_factory):
   """A TFDS data dir holding a tiny synthetic demo set (built once)."""

@@ -99,7 +99,8 @@ def test_class_names_come_from_the_sources():
       f'class_{k}' for k in range(1, unknown.num_classes))
 
 
-def test_metrics_and_files_match_direct_computation(demo_model, tmp_path):
+def test_metrics_and_files_match_direct_computation(demo_model, tmp_path,
+                                                    umask):
   model, variables = demo_model
   config = _config(metric_mode='standard')
   num_classes = config.dataset.num_classes
@@ -145,6 +146,9 @@ def test_metrics_and_files_match_direct_computation(demo_model, tmp_path):
   assert [line.split()[0] for line in body] == [
       n.split()[0] for n in names] + ['mean']
   assert not list(tmp_path.glob('.*'))  # No temporary files left.
+  outputs = [path for path in tmp_path.rglob('*') if path.is_file()]
+  assert outputs and all(path.stat().st_mode & 0o777 == 0o666 & ~umask
+                         for path in outputs)
 
 
 @pytest.mark.parametrize('mode', ['paper', 'standard'])

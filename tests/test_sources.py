@@ -1,7 +1,9 @@
 """Source readers on tiny copies of each layout, written in the real formats."""
 
+import io
 import itertools
 import pathlib
+import zipfile
 
 import numpy as np
 import pytest
@@ -219,6 +221,12 @@ def test_synapse_transunet_copy_bad_files(tmp_path):
   assert str(path) in message() and 'NaN' in message()
   np.savez(path, image=zeros, mask=zeros)
   assert str(path) in message() and "lacks arrays ['label']" in message()
+  header = io.BytesIO()  # Claims a 4 TiB image and holds no data.
+  np.lib.format.write_array_header_1_0(
+      header, {'descr': '<f4', 'fortran_order': False, 'shape': (2**40,)})
+  with zipfile.ZipFile(path, 'w') as archive:
+    archive.writestr('image.npy', header.getvalue())
+  assert str(path) in message() and 'claims' in message()
   corrupt(path)
   assert str(path) in message() and 'unreadable' in message()
 

@@ -17,6 +17,7 @@ import tiny_train_config
 from configs.studies import monuseg_cpu
 from selfreg_jax import checkpoints
 from selfreg_jax import evaluate
+from selfreg_jax import files
 from selfreg_jax import report
 from selfreg_jax import sweep
 
@@ -206,7 +207,7 @@ def _fabricate_run(workdir, use_selfreg, seed):
                             'jaccard': {'foreground': dice - 0.1},
                             'hd95': {'foreground': hd95},
                             'assd': {'foreground': assd}})
-  evaluate.write_atomic(
+  files.write_atomic(
       workdir / evaluate.EVAL_DIR / 'test_step5' / evaluate.SUMMARY_FILE,
       json.dumps(summary).encode())
 

@@ -10,9 +10,10 @@ bytes go to <prefix>/data/<key> in an uncompressed zip.
 import collections
 import dataclasses
 import io
+import json
 import os
 import pickle
-import stat
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -25,7 +26,10 @@ from selfreg_jax import torch_io
 
 ROWS, COLS = 4, 6
 SEED = 0
-UMASK = 0o027  # Not the usual 0o022, so the file mode shows it applied.
+# Elements of the storage that the tensor-budget test views many times, and
+# of the zeros that the .npz bomb deflates about 1000-fold.
+VIEWED_STORAGE = 2**10
+BOMB_ELEMENTS = 2**18
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +126,8 @@ def _storage_bytes(data: np.ndarray, byteorder: str) -> bytes:
 
 
 def _write_torch_zip(path: Path, obj: Any, prefix: str = 'archive',
-                     byteorder: str = 'little', skip_keys=()) -> Path:
+                     byteorder: str = 'little', skip_keys=(),
+                     storage_compression: int = zipfile.ZIP_STORED) -> Path:
   buffer = io.BytesIO()
   pickler = TorchStandInPickler(buffer)
   pickler.dump(obj)
@@ -132,7 +137,8 @@ def _write_torch_zip(path: Path, obj: Any, prefix: str = 'archive',
     for key, storage in pickler.storages.items():
       if key not in skip_keys:
         archive.writestr(f'{prefix}/data/{key}',
-                         _storage_bytes(storage.data, byteorder))
+                         _storage_bytes(storage.data, byteorder),
+                         compress_type=storage_compression)
     archive.writestr(f'{prefix}/version', '3\n')
   return path
 
@@ -287,6 +293,54 @@ def test_view_past_its_storage_is_refused(tmp_path):
     torch_io.load_checkpoint(path)
 
 
+def test_view_with_more_elements_than_its_storage_is_refused(tmp_path):
+  one = Storage('0', 'FloatStorage', np.ones(1, np.float32))
+  path = _write_torch_zip(tmp_path / 'stride0.pth',
+                          {'w': Tensor(one, 0, (ROWS, COLS), (0, 0))})
+  with pytest.raises(torch_io.CheckpointError) as error:
+    torch_io.load_checkpoint(path)
+  assert str(path) in str(error.value)
+  assert f'{ROWS * COLS} elements, more than the 1' in str(error.value)
+
+
+def test_overlapping_view_as_large_as_its_storage_loads(tmp_path):
+  base = np.arange(ROWS * COLS, dtype=np.float32)
+  storage = Storage('0', 'FloatStorage', base)
+  path = _write_torch_zip(tmp_path / 'overlap.pth',
+                          {'w': Tensor(storage, 0, (ROWS, COLS), (1, 1))})
+  expected = base[np.add.outer(np.arange(ROWS), np.arange(COLS))]
+  np.testing.assert_array_equal(torch_io.load_checkpoint(path)['w'], expected)
+
+
+def test_tensors_beyond_a_multiple_of_the_file_are_refused(tmp_path):
+  storage = Storage('0', 'FloatStorage',
+                    np.zeros(VIEWED_STORAGE, np.float32))
+
+  def views(count):
+    return {str(i): Tensor(storage, 0, (VIEWED_STORAGE,), (1,))
+            for i in range(count)}
+
+  tied = _write_torch_zip(tmp_path / 'tied.pth', views(2))
+  assert len(torch_io.load_checkpoint(tied)) == 2
+  # Each view copies the storage, which dwarfs the rest of the file.
+  limit = torch_io._TENSOR_BYTES_PER_FILE_BYTE  # pylint: disable=protected-access
+  copies = 2 * limit
+  path = _write_torch_zip(tmp_path / 'copies.pth', views(copies))
+  with pytest.raises(torch_io.CheckpointError,
+                     match=r'copies\.pth: its tensors hold over'):
+    torch_io.load_checkpoint(path)
+
+
+def test_compressed_record_is_refused(tmp_path):
+  path = _write_torch_zip(tmp_path / 'deflated.pth',
+                          {'w': _contiguous(_random(np.float32), '0')},
+                          storage_compression=zipfile.ZIP_DEFLATED)
+  with pytest.raises(torch_io.CheckpointError,
+                     match=r"deflated\.pth: record 'archive/data/0' is "
+                     'compressed'):
+    torch_io.load_checkpoint(path)
+
+
 def test_missing_storage_record(tmp_path):
   path = _write_torch_zip(tmp_path / 'w.pth',
                           {'w': _contiguous(_random(np.float32), '0')},
@@ -328,20 +382,16 @@ def test_truncated_and_garbage_files(tmp_path):
     torch_io.load_checkpoint(garbage)
 
 
-def test_safetensors_round_trip_is_atomic(tmp_path):
+def test_safetensors_round_trip_is_atomic(tmp_path, umask):
   state_dict = {dtype.name: _random(dtype) for dtype in STORAGE_KINDS}
   state_dict['transposed'] = _random(np.float32).T
   # 0-d, like BatchNorm's num_batches_tracked.
   state_dict['scalar'] = np.array(ROWS * COLS, np.int64)
   path = tmp_path / 'w.safetensors'
   path.write_bytes(b'old contents')
-  umask = os.umask(UMASK)
-  try:
-    torch_io.save_safetensors(state_dict, path)
-  finally:
-    os.umask(umask)
+  torch_io.save_safetensors(state_dict, path)
   assert os.listdir(tmp_path) == ['w.safetensors']
-  assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~UMASK
+  assert path.stat().st_mode & 0o777 == 0o666 & ~umask
   loaded = torch_io.load_checkpoint(path)
   assert sorted(loaded) == sorted(state_dict)
   for name, value in state_dict.items():
@@ -367,6 +417,64 @@ def test_npz(tmp_path):
   np.savez(tmp_path / 'objects.npz', a=np.array([{'x': 1}], dtype=object))
   with pytest.raises(torch_io.CheckpointError, match=r'objects\.npz'):
     torch_io.load_checkpoint(tmp_path / 'objects.npz')
+
+
+def test_compressed_npz(tmp_path):
+  state_dict = {'a': _random(np.float32), 'b': _random(np.int64, (COLS,)).T}
+  np.savez_compressed(tmp_path / 'w.npz', **state_dict)
+  loaded = torch_io.read_npz(tmp_path / 'w.npz')
+  assert sorted(loaded) == ['a', 'b']
+  for name, value in state_dict.items():
+    np.testing.assert_array_equal(loaded[name], value)
+
+
+def _write_npy_member(path: Path, shape: Tuple[int, ...], data: bytes,
+                      compression: int) -> Path:
+  """An .npz holding one float32 array 'x' whose header claims `shape`."""
+  header = io.BytesIO()
+  np.lib.format.write_array_header_1_0(
+      header, {'descr': '<f4', 'fortran_order': False, 'shape': shape})
+  with zipfile.ZipFile(path, 'w', compression) as archive:
+    archive.writestr('x.npy', header.getvalue() + data)
+  return path
+
+
+def _forbid_array_reads(monkeypatch):
+  def read_array(*unused_args, **unused_kwargs):
+    raise AssertionError('an array was read before the refusal')
+  monkeypatch.setattr(np.lib.format, 'read_array', read_array)
+
+
+def test_npz_deflate_bomb_is_refused_before_reading(tmp_path, monkeypatch):
+  zeros = bytes(BOMB_ELEMENTS * 4)
+  path = _write_npy_member(tmp_path / 'bomb.npz', (BOMB_ELEMENTS,), zeros,
+                           zipfile.ZIP_DEFLATED)
+  assert path.stat().st_size * 100 < len(zeros)
+  _forbid_array_reads(monkeypatch)
+  with pytest.raises(torch_io.CheckpointError,
+                     match=r'bomb\.npz: its members unpack to .* more than '
+                     r'100 x the file'):
+    torch_io.load_checkpoint(path)
+
+
+def test_npz_header_claiming_a_huge_shape_is_refused(tmp_path, monkeypatch):
+  four_tib = (2**40,)  # float32 elements.
+  path = _write_npy_member(tmp_path / 'claims.npz', four_tib, b'',
+                           zipfile.ZIP_STORED)
+  _forbid_array_reads(monkeypatch)
+  with pytest.raises(torch_io.CheckpointError,
+                     match=rf"claims\.npz: array 'x' claims {2**42} bytes in "
+                     'its header but holds 0'):
+    torch_io.load_checkpoint(path)
+
+
+def test_safetensors_header_claiming_a_huge_shape_is_refused(tmp_path):
+  header = json.dumps({'w': {'dtype': 'F32', 'shape': [2**40],
+                             'data_offsets': [0, 4]}}).encode()
+  path = tmp_path / 'claims.safetensors'
+  path.write_bytes(struct.pack('<Q', len(header)) + header + bytes(4))
+  with pytest.raises(torch_io.CheckpointError, match=r'claims\.safetensors'):
+    torch_io.load_checkpoint(path)
 
 
 def test_unknown_suffix_and_missing_file(tmp_path):

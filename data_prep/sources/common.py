@@ -20,6 +20,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from selfreg_jax import torch_io
+
 Example = dict
 KeyedExample = tuple[str, Example]
 T = TypeVar('T')
@@ -256,13 +258,17 @@ def _decode_arrays(path: pathlib.Path, keys: Sequence[str]
   if path.suffix in ('.h5', '.hdf5'):
     with h5py.File(path, 'r') as arrays:
       return {k: arrays[k][()] for k in keys if k in arrays}, list(arrays)
-  with np.load(path, allow_pickle=False) as arrays:
-    return {k: arrays[k] for k in keys if k in arrays.files}, list(arrays.files)
+  arrays = torch_io.read_npz(path)
+  return {k: arrays[k] for k in keys if k in arrays}, list(arrays)
 
 
 def read_arrays(path: pathlib.Path,
                 keys: Sequence[str]) -> dict[str, np.ndarray]:
-  """Reads named arrays from an `.npz` or HDF5 (`.h5`, `.hdf5`) file."""
+  """Reads named arrays from an `.npz` or HDF5 (`.h5`, `.hdf5`) file.
+
+  An `.npz` is read whole by `torch_io.read_npz`, which refuses a file that
+  would unpack to far more memory than its size before allocating any of it.
+  """
   arrays, present = read_with(path, 'array file',
                               lambda p: _decode_arrays(p, keys))
   missing = [k for k in keys if k not in arrays]
