@@ -24,7 +24,7 @@ Protocol (results/monuseg_cpu/README.md has the measurements behind it):
 
 from configs import monuseg_unet
 
-TRAIN_STEPS = 150
+TRAIN_STEPS = 120
 VALIDATE_EVERY = 10
 SEEDS = (0, 1, 2)
 
