@@ -48,6 +48,7 @@ from ml_collections import config_flags
 
 from selfreg_jax import evaluate
 from selfreg_jax import files
+from selfreg_jax import host_memory
 from selfreg_jax import report
 
 SWEEP_FIELD = 'sweep'
@@ -254,6 +255,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # XLA:CPU's memory-minimising schedule and huge pages, as main.py (restarts
+  # once; before JAX starts).
+  host_memory.prepare_process()
   config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                   lock_config=True)
   flags.DEFINE_string('workdir', None, 'Sweep root: one folder per point.')
