@@ -30,7 +30,7 @@ def dataset_config(name: str, image_size: int = 224) -> ml_collections.ConfigDic
       train_split='train',
       val_split='validation',
       test_split='test',
-      augment=True,              # DESIGN.md section 3 training augmentation
+      augment=True,              # docs/design.md section 3 training augmentation
       num_workers=0,             # grain worker processes (0 = in-process)
   ))
 

@@ -1,6 +1,6 @@
 """Evaluation on whole cases: metrics, summary, table and optional files.
 
-Protocol (DESIGN.md section 4):
+Protocol (docs/design.md section 4):
 * volumetric sets (Synapse, ACDC, demo): each slice is predicted at
   `config.dataset.image_size` and the class map resized back to the native
   slice size (see `inference.predict_volume`); Dice, Jaccard, HD95 and ASSD

@@ -1,6 +1,6 @@
 """Slice-wise inference: whole slices resized to the model's input size.
 
-Predictions follow the reference test code (DESIGN.md section 4): every 2D
+Predictions follow the reference test code (docs/design.md section 4): every 2D
 slice is resized to `image_size` with a cubic spline (`scipy.ndimage.zoom`,
 order 3), the model runs with `train=False`, the class map (argmax, or
 sigmoid > 0.5 for one-logit binary models) is resized back with nearest

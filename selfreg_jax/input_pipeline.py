@@ -6,7 +6,7 @@ source, so no TensorFlow is imported.
 
 Training (`create_train_loader`): each process reads its own strided shard of
 the training split, shuffled afresh every epoch, repeated forever; every slice
-is (optionally) augmented as in DESIGN.md section 3 and resized to
+is (optionally) augmented as in docs/design.md section 3 and resized to
 `image_size`, then slices are batched. Randomness comes from grain's
 per-record generators, so the stream depends only on the seed and the
 process index (not on the number of worker processes) and the iterator's
@@ -32,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 import tensorflow_datasets as tfds
 
-# Probability of each augmentation branch (DESIGN.md section 3).
+# Probability of each augmentation branch (docs/design.md section 3).
 _ROT_FLIP_PROBABILITY = 0.5
 _ROTATE_PROBABILITY = 0.5
 _MAX_ROTATION_DEGREES = 20
@@ -137,7 +137,7 @@ def to_float_image(image: np.ndarray) -> np.ndarray:
 
 def augment_slice(image: np.ndarray, label: np.ndarray,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-  """Random rot90+flip, else maybe a small rotation (DESIGN.md section 3).
+  """Random rot90+flip, else maybe a small rotation (docs/design.md section 3).
 
   With p=0.5: rot90 by k in 0..3 and a flip on a random axis; otherwise with
   p=0.5: rotation by an integer angle in [-20, 20) degrees about the centre,

@@ -230,7 +230,7 @@ def selfreg_loss(features: Features, key: jax.Array | None = None, *,
                  draws: tuple[tuple[ChannelDraw, ...], ...] | None = None,
                  compute_scr: bool = True,
                  compute_ifd: bool = True) -> SelfRegTerms:
-  """The unweighted SCR and IFD sums of DESIGN.md section 2.
+  """The unweighted SCR and IFD sums of docs/design.md section 2.
 
   For every tap group (UNet: one; Swin-UNet: last-block taps and first-block
   taps) IFD adds mean(IFD over encoder taps) + mean(IFD over decoder taps) and

@@ -471,7 +471,7 @@ IMAGENET_FINAL_NORM_REASON = (
 def _imagenet_destinations(name: str, depths: Sequence[int],
                            load_final_norm: bool
                            ) -> tuple[list[tuple[str, bool]], str | None]:
-  """Where one ImageNet Swin entry goes (DESIGN.md section 6).
+  """Where one ImageNet Swin entry goes (docs/design.md section 6).
 
   Returns:
     ([(target PyTorch-style name, is_mirror), ...], None) for an entry to load,
@@ -516,7 +516,7 @@ def load_swin_imagenet(
 ) -> tuple[dict[str, Any], PretrainedReport]:
   """Initialises a Swin-UNet from an ImageNet Swin checkpoint.
 
-  Following DESIGN.md section 6: the patch embedding and the encoder stages
+  Following docs/design.md section 6: the patch embedding and the encoder stages
   (blocks and PatchMerging) load directly; the final encoder `norm` loads into
   our bottleneck `norm` (same name and shape) unless `load_final_norm` is
   False; blocks past this model's depth and the classification head are

@@ -40,7 +40,7 @@ def full_swin() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(name='swin_unet', num_classes=9,
                                         image_size=224))
 
-# Parameter counts of the PyTorch reference models (DESIGN.md section 1).
+# Parameter counts of the PyTorch reference models (docs/design.md section 1).
 FULL_UNET_PARAMS = 17_262_345
 FULL_SWIN_PARAMS = 27_168_900
 
