@@ -10,7 +10,8 @@ $TFDS_DATA_DIR or ~/tensorflow_datasets). Building is idempotent: a data set
 that is already built with the same options is left as it is. TFDS writes
 into an `incomplete.*` folder and renames it when done, so an interrupted
 build leaves nothing that reads as a data set; the next build removes such
-leftovers.
+leftovers. A mistake in the input (an option, a missing source folder, a bad
+source file) ends the CLI with one `error:` line naming it, and exit status 2.
 """
 
 import argparse
@@ -18,7 +19,6 @@ import ast
 import json
 import pathlib
 import shutil
-import sys
 import tempfile
 from typing import Any, Sequence
 
@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 
 from data_prep import builders
 from data_prep import sources
+from selfreg_jax import cli
 
 
 def default_data_dir() -> pathlib.Path:
@@ -135,7 +136,7 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog='python -m data_prep.build',
       description=__doc__.split('\n\n', maxsplit=1)[0])
   parser.add_argument('name', choices=sorted(builders.BUILDERS),
@@ -155,7 +156,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> None:
+  """The CLI; run it under `cli.run` to turn user errors into one line."""
   args = parse_args(argv)
   options = dict(args.option)
   if args.val_cases is not None:
@@ -164,11 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     options['seed'] = args.seed
   try:
     build_dataset(args.name, args.src, args.out, **options)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  return 0
+  except ValueError as e:
+    # A build's ValueErrors are about its input: an option, or a source file
+    # (the readers turn any failure to decode one into a ValueError naming it).
+    raise cli.UserError(str(e)) from e
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main)

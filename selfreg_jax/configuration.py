@@ -1,8 +1,8 @@
 """Checks a run's config before anything is compiled or read.
 
-Unknown keys are already refused by ml_collections (configs are locked and
-`--config.x=y` must name an existing field); this module checks values and
-their consistency, naming the offending key.
+Unknown keys are already refused while the flags are parsed (configs are
+locked and `--config.x=y` must name an existing field; see cli.py); this
+module checks values and their consistency, naming the offending key.
 """
 
 import math
@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 
+from selfreg_jax import cli
 from selfreg_jax.models import MODELS
 from selfreg_jax.models import unet
 from selfreg_jax.models.swin_unet import stage_windows
@@ -44,7 +45,7 @@ RANGES: tuple[tuple[str, Callable[[Any], bool], tuple[str, ...]], ...] = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(cli.UserError):
   """A config value is invalid; the message names the key."""
 
 

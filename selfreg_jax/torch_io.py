@@ -35,6 +35,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from selfreg_jax import cli
+
 PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, np.ndarray]
 
@@ -63,7 +65,7 @@ _REBUILD_PARAMETER = ('torch._utils._rebuild_parameter',
                       'torch._utils._rebuild_parameter_with_state')
 
 
-class CheckpointError(ValueError):
+class CheckpointError(cli.UserError):
   """A checkpoint file is unreadable, malformed or of an unsupported kind."""
 
 

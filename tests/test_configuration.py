@@ -7,6 +7,7 @@ import pytest
 import tiny_train_config
 from configs import demo
 from configs import synapse_swin
+from selfreg_jax import cli
 from selfreg_jax import configuration
 from selfreg_jax.models import create_model
 from selfreg_jax.models import unet
@@ -56,6 +57,10 @@ def _bottleneck_pixels(image_sizes):
 @pytest.mark.parametrize('recipe', RECIPES)
 def test_recipes_are_valid(recipe):
   _validate(RECIPES[recipe]())
+
+
+def test_config_errors_are_user_errors():
+  assert issubclass(configuration.ConfigError, cli.UserError)
 
 
 @pytest.mark.parametrize('recipe', RECIPES)

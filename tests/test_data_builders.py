@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from data_prep import build
 from data_prep import builders
 from data_prep import demo
+from selfreg_jax import cli
 from selfreg_jax import input_pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -210,12 +211,24 @@ def test_real_data_set_needs_an_existing_source_folder(tmp_path):
 
 def test_cli(tmp_path, capsys):
   options = [f'--option={k}={v}' for k, v in TINY_OPTIONS.items()]
-  assert build.main(['demo', '--out', str(tmp_path), *options]) == 0
+  assert build.main(['demo', '--out', str(tmp_path), *options]) is None
   out = capsys.readouterr().out
   assert f'Built {DATASET_NAME}' in out and str(tmp_path) in out
   assert (tmp_path / DATASET_NAME / '1.0.0' / 'dataset_info.json').is_file()
-  assert build.main(['demo', '--out', str(tmp_path), '--val-cases', '2']) == 1
-  assert "unknown build option(s) ['val_cases']" in capsys.readouterr().err
-  with pytest.raises(SystemExit):
-    build.main(['nonesuch'])
-  assert "invalid choice: 'nonesuch'" in capsys.readouterr().err
+  error, _ = _cli_error(['demo', '--out', str(tmp_path), '--val-cases', '2'],
+                        capsys)
+  assert "unknown build option(s) ['val_cases']" in error
+  error, _ = _cli_error(['nonesuch'], capsys)
+  assert error.startswith("argument name: invalid choice: 'nonesuch'")
+
+
+def _cli_error(argv, capsys) -> tuple[str, str]:
+  """The one `error: ` line (less the prefix) of the build CLI on `argv`,
+  and what it printed on stdout."""
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(build.main, argv)
+  assert exit_info.value.code == cli.EXIT_USER_ERROR
+  captured = capsys.readouterr()
+  lines = captured.err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), lines
+  return lines[0].removeprefix('error: '), captured.out

@@ -222,13 +222,3 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_demo_data_dir,
   assert f'at step {saved}.' in resumed.stderr
   with checkpoints.create_manager(tmp_path, read_only=True) as manager:
     assert manager.latest_step() == saved + 2
-
-
-def test_unknown_config_key_fails_before_compilation(tiny_demo_data_dir,
-                                                     tmp_path):
-  run = _run_main(_main_args('unet', tmp_path, tiny_demo_data_dir,
-                             '--config.optimizer.learning_rat=0.1'),
-                  timeout=120)
-  assert run.returncode != 0
-  assert 'learning_rat' in run.stderr
-  assert not (tmp_path / checkpoints.CHECKPOINT_DIR).exists()
