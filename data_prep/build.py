@@ -10,17 +10,21 @@ $TFDS_DATA_DIR or ~/tensorflow_datasets). Building is idempotent: a data set
 that is already built with the same options is left as it is. TFDS writes
 into an `incomplete.*` folder and renames it when done, so an interrupted
 build leaves nothing that reads as a data set; the next build removes such
-leftovers. A mistake in the input (an option, a missing source folder, a bad
-source file) ends the CLI with one `error:` line naming it, and exit status 2.
+leftovers. A build that fails removes the folders it created (DATA_DIR,
+DATA_DIR/selfreg_NAME), never one that was there before. A mistake in the
+input (an option, a missing or empty source folder, a bad source file) ends
+the CLI with one `error:` line naming it, and exit status 2.
 """
 
 import argparse
 import ast
+import contextlib
 import json
 import pathlib
 import shutil
+import sys
 import tempfile
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
@@ -36,14 +40,33 @@ def default_data_dir() -> pathlib.Path:
 
 def _check_source_folder(name: str, src: pathlib.Path | None,
                          instructions: str) -> None:
+  """Raises FileNotFoundError unless `src` is a folder holding something;
+  the download instructions are printed first."""
   if src is None:
-    raise FileNotFoundError(
-        f'Data set {name!r} is built from a downloaded copy; pass its folder '
-        f'with --src (src=...).\n\n{instructions}')
-  if not src.is_dir():
-    raise FileNotFoundError(
-        f'{src}: source folder of {name!r} does not exist or is not a '
-        f'folder.\n\n{instructions}')
+    problem = (f'data set {name!r} is built from a downloaded copy; pass its '
+               'folder with --src (src=...)')
+  elif not src.is_dir():
+    problem = (f'{src}: source folder of {name!r} does not exist or is not a '
+               'folder')
+  elif not any(src.iterdir()):
+    problem = f'{src}: source folder of {name!r} is empty'
+  else:
+    return
+  print(instructions)
+  raise FileNotFoundError(
+      f'{problem}; the download instructions are printed above.')
+
+
+@contextlib.contextmanager
+def _removed_on_failure(folders: Sequence[pathlib.Path]) -> Iterator[None]:
+  """Deletes those of `folders` that do not exist yet if the block fails."""
+  created = [folder for folder in folders if not folder.exists()]
+  try:
+    yield
+  except BaseException:
+    for folder in reversed(created):
+      shutil.rmtree(folder, ignore_errors=True)
+    raise
 
 
 def remove_incomplete_builds(dataset_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -86,9 +109,10 @@ def build_dataset(name: str,
     The built data set's folder, `data_dir/selfreg_NAME/VERSION`.
 
   Raises:
-    ValueError: unknown name or option, or the data set is already built with
-      other options.
-    FileNotFoundError: the source folder is missing.
+    ValueError: unknown name or option, the data set is already built with
+      other options, or a source file is bad (the message names it).
+    FileNotFoundError: the source folder is missing or empty, or a source file
+      is missing.
   """
   builder_cls = builders.builder_class(name)
   data_dir = pathlib.Path(data_dir or default_data_dir()).expanduser()
@@ -115,7 +139,8 @@ def build_dataset(name: str,
     print(f'Removed the leftover of an interrupted build: {leftover}')
   print(f'Building {builder.name} (options {builder.options}) '
         f'into {dataset_dir} ...')
-  with tempfile.TemporaryDirectory(prefix='selfreg_downloads_') as downloads:
+  with (tempfile.TemporaryDirectory(prefix='selfreg_downloads_') as downloads,
+        _removed_on_failure([data_dir, dataset_dir.parent])):
     builder.download_and_prepare(
         download_dir=downloads,
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
@@ -159,6 +184,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
   """The CLI; run it under `cli.run` to turn user errors into one line."""
   args = parse_args(argv)
+  if not sys.stderr.isatty():
+    # TFDS's progress bars are for terminals (where they are erased when
+    # done); elsewhere they would be logged lines, e.g. before an error.
+    tfds.disable_progress_bar()
   options = dict(args.option)
   if args.val_cases is not None:
     options['val_cases'] = args.val_cases

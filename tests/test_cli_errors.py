@@ -49,6 +49,11 @@ PROBES = {
     'report_without_runs': (
         ['-m', 'selfreg_jax.report', '{tmp}/out'],
         'error: {tmp}/out: no such folder.'),
+    'build_from_empty_folder': (
+        ['-m', 'data_prep.build', 'synapse', '--src={tmp}/empty',
+         '--out={tmp}/out'],
+        "error: {tmp}/empty: source folder of 'synapse' is empty; the download "
+        'instructions are printed above.'),
 }
 
 
@@ -61,7 +66,7 @@ def probe_results(tmp_path_factory):
   started = {}
   for name, (args, _) in PROBES.items():
     tmp = root / name
-    tmp.mkdir()
+    (tmp / 'empty').mkdir(parents=True)
     started[name] = (tmp, subprocess.Popen(
         [sys.executable, *(arg.format(tmp=tmp) for arg in args)], cwd=ROOT,
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import fixtures_sources
 from data_prep import build
 from data_prep import builders
 from data_prep import demo
@@ -232,3 +233,50 @@ def _cli_error(argv, capsys) -> tuple[str, str]:
   lines = captured.err.splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: '), lines
   return lines[0].removeprefix('error: '), captured.out
+
+
+@pytest.mark.parametrize('name', ['synapse', 'acdc', 'glas', 'monuseg'])
+def test_cli_refuses_an_empty_source_folder_and_leaves_nothing(
+    name, tmp_path, capsys):
+  empty, data_dir = tmp_path / 'downloaded', tmp_path / 'tfds'
+  empty.mkdir()
+  error, out = _cli_error(
+      [name, '--src', str(empty), '--out', str(data_dir)], capsys)
+  assert error == (f'{empty}: source folder of {name!r} is empty; the '
+                   'download instructions are printed above.')
+  assert f'python -m data_prep.build {name} --src' in out
+  assert not data_dir.exists()
+
+
+def test_cli_refuses_an_empty_split_folder_and_leaves_nothing(tmp_path,
+                                                              capsys):
+  src, data_dir = tmp_path / 'GlaS', tmp_path / 'tfds'
+  fixtures_sources.write_split_folders(src, {'train': 2, 'test': 1})
+  for folder in ('img', 'labelcol'):
+    (src / 'Val_Folder' / folder).mkdir(parents=True)
+  error, _ = _cli_error(['glas', '--src', str(src), '--out', str(data_dir)],
+                        capsys)
+  assert error == (f"{src / 'Val_Folder'}: the 'validation' split is empty "
+                   '(no pictures in img/ nor masks in labelcol/).')
+  assert not data_dir.exists()
+
+
+def test_failed_build_removes_only_the_folders_it_created(tmp_path):
+  data_dir = tmp_path / 'tfds'
+  other = data_dir / 'other_dataset' / 'kept.txt'
+  other.parent.mkdir(parents=True)
+  other.write_text('not ours')
+  no_validation = {**TINY_OPTIONS, 'num_validation_cases': 0}
+  with pytest.raises(ValueError,
+                     match="'validation' split of demo holds no examples"):
+    build.build_dataset('demo', data_dir=data_dir, **no_validation)
+  assert sorted(p.name for p in data_dir.iterdir()) == ['other_dataset']
+  assert other.read_text() == 'not ours'
+  # A data set folder that was there before stays, with what it held.
+  older = data_dir / DATASET_NAME / '0.9.0' / 'kept.txt'
+  older.parent.mkdir(parents=True)
+  older.write_text('an older version')
+  with pytest.raises(ValueError, match='holds no examples'):
+    build.build_dataset('demo', data_dir=data_dir, **no_validation)
+  assert [p.name for p in (data_dir / DATASET_NAME).iterdir()] == ['0.9.0']
+  assert older.read_text() == 'an older version'

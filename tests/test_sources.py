@@ -70,7 +70,7 @@ def test_unrecognised_folder_names_folder_and_layouts(module, tmp_path):
   with pytest.raises(FileNotFoundError) as info:
     module.generate_examples(tmp_path, 'train')
   message = str(info.value)
-  assert str(tmp_path) in message
+  assert str(tmp_path) in message and '\n' not in message
   for layout in module.LAYOUTS:
     assert layout in message
 
@@ -565,6 +565,17 @@ def test_monuseg_bad_annotations_name_the_file(tmp_path):
   assert 'no mask' in message(FileNotFoundError)
   assert 'testing part' in raised(
       FileNotFoundError, monuseg.generate_examples, tmp_path, 'test')
+
+
+def test_split_folder_without_pictures_is_refused(tmp_path):
+  fx.write_split_folders(tmp_path, {'train': 2})
+  for folder in ('img', 'labelcol'):
+    (tmp_path / 'Val_Folder' / folder).mkdir(parents=True)
+  for module in (glas, monuseg):
+    message = raised(FileNotFoundError, module.generate_examples, tmp_path,
+                     'validation')
+    assert message == (f"{tmp_path / 'Val_Folder'}: the 'validation' split is "
+                       'empty (no pictures in img/ nor masks in labelcol/).')
 
 
 def test_monuseg_split_folders_with_tiff_images(tmp_path):

@@ -133,7 +133,8 @@ def _release_split(src: pathlib.Path, parts, split: str,
   if part not in parts:
     raise FileNotFoundError(
         f'{src}: the official release\'s {part}ing part is missing; the '
-        f'{split!r} split needs it.\nExpected: {LAYOUTS["official release"]}.')
+        f'{split!r} split needs it (expected: '
+        f'{LAYOUTS["official release"]}).')
   pairs = common.pair_by_stem(*parts[part])
   if split == 'test':
     return pairs
