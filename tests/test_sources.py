@@ -567,6 +567,39 @@ def test_monuseg_bad_annotations_name_the_file(tmp_path):
       FileNotFoundError, monuseg.generate_examples, tmp_path, 'test')
 
 
+def test_monuseg_polygon_outside_its_image_is_refused(tmp_path):
+  fx.write_monuseg_release(tmp_path, MONUSEG_TRAIN[:2], ())
+  xml = (tmp_path / 'MoNuSeg 2018 Training Data' / 'Annotations' /
+         f'{MONUSEG_TRAIN[0]}.xml')
+  height, width = fx.MONUSEG_HW
+  inside = fx.rectangle_polygon(2, 3, 6, 9)
+  # (top, left, bottom, right) of polygons with no vertex in the image: one
+  # beside it (filled to nothing) and one around it (filled to all of it).
+  for box in ((5, width + 2, 9, width + 12), (-4, -3, height + 4, width + 5)):
+    xml.write_text(fx.aperio_xml([inside, fx.rectangle_polygon(*box)]))
+    top, left, bottom, right = box
+    message = raised(ValueError, monuseg.generate_examples, tmp_path, 'train',
+                     val_cases=0)
+    assert message == (
+        f'{xml}: polygon 1 (0-based, of 2) lies entirely outside the '
+        f'{width}x{height} image: its vertices span x {left}..{right}, '
+        f'y {top}..{bottom} px.')
+
+
+def test_monuseg_polygon_across_the_border_is_clipped(tmp_path):
+  fx.write_monuseg_release(tmp_path, MONUSEG_TRAIN[:1], ())
+  xml = (tmp_path / 'MoNuSeg 2018 Training Data' / 'Annotations' /
+         f'{MONUSEG_TRAIN[0]}.xml')
+  height, width = fx.MONUSEG_HW
+  xml.write_text(fx.aperio_xml([fx.rectangle_polygon(-3, width - 4,
+                                                     5, width + 6)]))
+  (_, example), = collect(monuseg.generate_examples(tmp_path, 'train',
+                                                    val_cases=0))
+  expected = np.zeros(fx.MONUSEG_HW, np.uint8)
+  expected[:6, width - 4:] = 1
+  np.testing.assert_array_equal(example['label'], expected)
+
+
 def test_split_folder_without_pictures_is_refused(tmp_path):
   fx.write_split_folders(tmp_path, {'train': 2})
   for folder in ('img', 'labelcol'):
