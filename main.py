@@ -18,15 +18,14 @@ if __name__ == '__main__':
   # imports below.
   host_memory.prepare_process()
 
-import logging as std_logging
 import os
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 
+from selfreg_jax import cli
 from selfreg_jax import train
 
 FLAGS = flags.FLAGS
@@ -52,34 +51,12 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-class QuietLibraries(std_logging.Filter):
-  """Keeps the console readable: INFO lines from this project and CLU's
-  progress reports, warnings from everything but orbax's routine notices,
-  errors always. Run with --verbosity=1 to see every library's INFO lines."""
-
-  SHOWN_INFO = ('/selfreg_jax/', '/data_prep/', 'main.py', '/clu/platform/',
-                '/clu/periodic_actions')
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    if record.levelno >= std_logging.ERROR:
-      return True
-    if record.levelno >= std_logging.WARNING:
-      return '/orbax/' not in record.pathname
-    return any(part in record.pathname for part in self.SHOWN_INFO)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if FLAGS.verbosity <= 0:
-    logging.get_absl_handler().addFilter(QuietLibraries())
   initialize_distributed()
-  logging.info('JAX process %d/%d, %d local / %d global devices (%s).',
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_app(main)

@@ -10,22 +10,27 @@ $TFDS_DATA_DIR or ~/tensorflow_datasets). Building is idempotent: a data set
 that is already built with the same options is left as it is. TFDS writes
 into an `incomplete.*` folder and renames it when done, so an interrupted
 build leaves nothing that reads as a data set; the next build removes such
-leftovers.
+leftovers. A build that fails removes the folders it created (DATA_DIR,
+DATA_DIR/selfreg_NAME), never one that was there before. A mistake in the
+input (an option, a missing or empty source folder, a bad source file) ends
+the CLI with one `error:` line naming it, and exit status 2.
 """
 
 import argparse
 import ast
+import contextlib
 import json
 import pathlib
 import shutil
 import sys
 import tempfile
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
 from data_prep import builders
 from data_prep import sources
+from selfreg_jax import cli
 
 
 def default_data_dir() -> pathlib.Path:
@@ -35,14 +40,33 @@ def default_data_dir() -> pathlib.Path:
 
 def _check_source_folder(name: str, src: pathlib.Path | None,
                          instructions: str) -> None:
+  """Raises FileNotFoundError unless `src` is a folder holding something;
+  the download instructions are printed first."""
   if src is None:
-    raise FileNotFoundError(
-        f'Data set {name!r} is built from a downloaded copy; pass its folder '
-        f'with --src (src=...).\n\n{instructions}')
-  if not src.is_dir():
-    raise FileNotFoundError(
-        f'{src}: source folder of {name!r} does not exist or is not a '
-        f'folder.\n\n{instructions}')
+    problem = (f'data set {name!r} is built from a downloaded copy; pass its '
+               'folder with --src (src=...)')
+  elif not src.is_dir():
+    problem = (f'{src}: source folder of {name!r} does not exist or is not a '
+               'folder')
+  elif not any(src.iterdir()):
+    problem = f'{src}: source folder of {name!r} is empty'
+  else:
+    return
+  print(instructions)
+  raise FileNotFoundError(
+      f'{problem}; the download instructions are printed above.')
+
+
+@contextlib.contextmanager
+def _removed_on_failure(folders: Sequence[pathlib.Path]) -> Iterator[None]:
+  """Deletes those of `folders` that do not exist yet if the block fails."""
+  created = [folder for folder in folders if not folder.exists()]
+  try:
+    yield
+  except BaseException:
+    for folder in reversed(created):
+      shutil.rmtree(folder, ignore_errors=True)
+    raise
 
 
 def remove_incomplete_builds(dataset_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -85,9 +109,10 @@ def build_dataset(name: str,
     The built data set's folder, `data_dir/selfreg_NAME/VERSION`.
 
   Raises:
-    ValueError: unknown name or option, or the data set is already built with
-      other options.
-    FileNotFoundError: the source folder is missing.
+    ValueError: unknown name or option, the data set is already built with
+      other options, or a source file is bad (the message names it).
+    FileNotFoundError: the source folder is missing or empty, or a source file
+      is missing.
   """
   builder_cls = builders.builder_class(name)
   data_dir = pathlib.Path(data_dir or default_data_dir()).expanduser()
@@ -114,7 +139,8 @@ def build_dataset(name: str,
     print(f'Removed the leftover of an interrupted build: {leftover}')
   print(f'Building {builder.name} (options {builder.options}) '
         f'into {dataset_dir} ...')
-  with tempfile.TemporaryDirectory(prefix='selfreg_downloads_') as downloads:
+  with (tempfile.TemporaryDirectory(prefix='selfreg_downloads_') as downloads,
+        _removed_on_failure([data_dir, dataset_dir.parent])):
     builder.download_and_prepare(
         download_dir=downloads,
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
@@ -135,7 +161,7 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog='python -m data_prep.build',
       description=__doc__.split('\n\n', maxsplit=1)[0])
   parser.add_argument('name', choices=sorted(builders.BUILDERS),
@@ -155,8 +181,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> None:
+  """The CLI; run it under `cli.run` to turn user errors into one line."""
   args = parse_args(argv)
+  if not sys.stderr.isatty():
+    # TFDS's progress bars are for terminals (where they are erased when
+    # done); elsewhere they would be logged lines, e.g. before an error.
+    tfds.disable_progress_bar()
   options = dict(args.option)
   if args.val_cases is not None:
     options['val_cases'] = args.val_cases
@@ -164,11 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     options['seed'] = args.seed
   try:
     build_dataset(args.name, args.src, args.out, **options)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  return 0
+  except ValueError as e:
+    # A build's ValueErrors are about its input: an option, or a source file
+    # (the readers turn any failure to decode one into a ValueError naming it).
+    raise cli.UserError(str(e)) from e
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main)

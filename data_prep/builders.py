@@ -114,10 +114,16 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, src: pathlib.Path | None,
                          split: str) -> Iterator[tuple[str, dict]]:
-    for key, example in self.source.generate_examples(src, split,
-                                                      **self.options):
+    count = 0
+    for count, (key, example) in enumerate(
+        self.source.generate_examples(src, split, **self.options), start=1):
       check_example(key, example, self.source)
       yield key, example
+    if not count:
+      raise ValueError(
+          f'{src or self.source.NAME}: the {split!r} split of '
+          f'{self.source.NAME} holds no examples (build options '
+          f'{self.options}).')
 
 
 class SelfregDemo(SourceBuilder):

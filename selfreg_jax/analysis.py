@@ -58,6 +58,8 @@ from PIL import Image
 from scipy import ndimage
 
 from selfreg_jax import checkpoints
+from selfreg_jax import cli
+from selfreg_jax import configuration
 from selfreg_jax import evaluate
 from selfreg_jax import files
 from selfreg_jax import inference
@@ -309,23 +311,23 @@ def _png_array(png: bytes) -> np.ndarray:
 
 def find_case(config: ml_collections.ConfigDict, split: str,
               case_id: str) -> input_pipeline.Case:
-  """The case `case_id` of a split; ValueError listing the ids if absent."""
+  """The case `case_id` of a split; UserError listing the ids if absent."""
   seen = []
   for case in input_pipeline.iterate_cases(config, split):
     if case.case_id == case_id:
       return case
     seen.append(case.case_id)
-  raise ValueError(f'Case {case_id!r} is not in split {split!r} of '
-                   f'{config.dataset.data_dir or "the default data dir"}; '
-                   f'its cases: {seen}.')
+  raise cli.UserError(f'Case {case_id!r} is not in split {split!r} of '
+                      f'{config.dataset.data_dir or "the default data dir"}; '
+                      f'its cases: {seen}.')
 
 
 def check_class(config: ml_collections.ConfigDict, class_id: int) -> None:
   outputs = config.model.num_classes
   valid = (1,) if outputs == 1 else tuple(range(outputs))
   if class_id not in valid:
-    raise ValueError(f'--class={class_id}: the model of config.model '
-                     f'({outputs} outputs) has classes {valid}.')
+    raise cli.UserError(f'--class={class_id}: the model of config.model '
+                        f'({outputs} outputs) has classes {valid}.')
 
 
 def analyze_case(config: ml_collections.ConfigDict,
@@ -400,6 +402,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = FLAGS.config
+  configuration.validate(config, 'eval')
   analyze_case(config, FLAGS.workdir, FLAGS.case, FLAGS['class'].value,
                FLAGS.split or config.eval.split,
                FLAGS.checkpoint or str(config.eval.checkpoint))
@@ -415,4 +418,4 @@ if __name__ == '__main__':
   flags.DEFINE_string('checkpoint', None, "'best', 'latest' or a step; "
                       'default config.eval.checkpoint.')
   flags.mark_flags_as_required(['config', 'workdir', 'case'])
-  app.run(main)
+  cli.run_app(main)

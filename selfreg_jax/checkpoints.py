@@ -19,6 +19,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from selfreg_jax import cli
+
 CHECKPOINT_DIR = 'checkpoints'
 BEST_METRIC = 'val_dice'
 
@@ -87,8 +89,9 @@ def select_step(manager: ocp.CheckpointManager, which: str) -> int:
     return manager.latest_step() if best is None else best
   if which.isdigit() and int(which) in steps:
     return int(which)
-  raise ValueError(f'checkpoint {which!r} not found in {manager.directory}; '
-                   f"choose 'latest', 'best' or one of {sorted(steps)}.")
+  raise cli.UserError(
+      f'checkpoint {which!r} not found in {manager.directory}; '
+      f"choose 'latest', 'best' or one of {sorted(steps)}.")
 
 
 def restore_variables(workdir: str | pathlib.Path, abstract_variables: Any,

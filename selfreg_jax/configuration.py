@@ -1,14 +1,20 @@
 """Checks a run's config before anything is compiled or read.
 
-Unknown keys are already refused by ml_collections (configs are locked and
-`--config.x=y` must name an existing field); this module checks values and
-their consistency, naming the offending key.
+Unknown keys are already refused while the flags are parsed (configs are
+locked and `--config.x=y` must name an existing field; see cli.py); this
+module checks values and their consistency, naming the offending key.
 """
+
+import math
+import pathlib
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
 
+from selfreg_jax import cli
 from selfreg_jax.models import MODELS
+from selfreg_jax.models import unet
 from selfreg_jax.models.swin_unet import stage_windows
 
 MODES = ('train', 'eval', 'train_and_eval')
@@ -18,18 +24,30 @@ CHOICES = {
     'dtype': ('float32', 'bfloat16'),
     'eval.metric_mode': ('paper', 'standard'),
 }
-POSITIVE = ('batch_size', 'prefetch_to_device', 'dataset.image_size',
-            'dataset.in_channels', 'log_every_steps', 'checkpoint_every_steps',
-            'keep_checkpoints', 'eval.batch_size', 'optimizer.learning_rate')
-NON_NEGATIVE = ('loss.ce_weight', 'loss.dice_weight', 'loss.scr_weight',
-                'loss.ifd_weight', 'optimizer.weight_decay',
-                'optimizer.grad_clip_norm', 'dataset.num_workers',
-                'image_summary_every_steps', 'early_stopping_patience', 'seed')
+# (requirement, test, keys) for numeric keys; every float must also be finite.
+# `model.*` keys are checked where the model config has them (the others take
+# the model's defaults).
+RANGES: tuple[tuple[str, Callable[[Any], bool], tuple[str, ...]], ...] = (
+    ('> 0', lambda value: value > 0, (
+        'batch_size', 'prefetch_to_device', 'dataset.image_size',
+        'dataset.in_channels', 'log_every_steps', 'checkpoint_every_steps',
+        'keep_checkpoints', 'eval.batch_size', 'optimizer.learning_rate',
+        'optimizer.restart_epochs', 'model.mlp_ratio')),
+    ('>= 0', lambda value: value >= 0, (
+        'loss.ce_weight', 'loss.dice_weight', 'loss.scr_weight',
+        'loss.ifd_weight', 'optimizer.weight_decay', 'optimizer.grad_clip_norm',
+        'optimizer.poly_power', 'optimizer.min_learning_rate',
+        'dataset.num_workers', 'image_summary_every_steps',
+        'early_stopping_patience', 'seed')),
+    ('in [0, 1)', lambda value: 0 <= value < 1, (
+        'optimizer.momentum', 'model.drop_rate', 'model.attn_drop_rate',
+        'model.drop_path_rate')),
+)
 BOOLEAN = ('loss.use_selfreg', 'dataset.augment', 'dataset.volumetric',
            'init.load_final_norm', 'eval.save_predictions')
 
 
-class ConfigError(ValueError):
+class ConfigError(cli.UserError):
   """A config value is invalid; the message names the key."""
 
 
@@ -40,22 +58,36 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
   return node
 
 
+def _float_fields(node: ml_collections.ConfigDict,
+                  prefix: str = '') -> Iterator[tuple[str, float]]:
+  """(dotted key, value) of every float field, nested sections included."""
+  for key, value in node.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _float_fields(value, f'{prefix}{key}.')
+    elif isinstance(value, float):
+      yield f'{prefix}{key}', value
+
+
 def validate(config: ml_collections.ConfigDict, mode: str = 'train_and_eval',
              device_count: int | None = None,
              process_count: int | None = None) -> None:
   """Raises ConfigError naming the first invalid key."""
   if mode not in MODES:
     raise ConfigError(f'--mode={mode!r}: choose one of {MODES}.')
+  for key, value in _float_fields(config):
+    if not math.isfinite(value):
+      raise ConfigError(f'config.{key}={value!r} must be a finite number.')
   for key, choices in CHOICES.items():
     if _get(config, key) not in choices:
       raise ConfigError(f'config.{key}={_get(config, key)!r}: choose one of '
                         f'{choices}.')
-  for key in POSITIVE:
-    if not _get(config, key) > 0:
-      raise ConfigError(f'config.{key}={_get(config, key)!r} must be > 0.')
-  for key in NON_NEGATIVE:
-    if not _get(config, key) >= 0:
-      raise ConfigError(f'config.{key}={_get(config, key)!r} must be >= 0.')
+  for requirement, test, keys in RANGES:
+    for key in keys:
+      if key.startswith('model.') and key.split('.')[1] not in config.model:
+        continue
+      if not test(_get(config, key)):
+        raise ConfigError(
+            f'config.{key}={_get(config, key)!r} must be {requirement}.')
   for key in BOOLEAN:
     if not isinstance(_get(config, key), bool):
       raise ConfigError(f'config.{key}={_get(config, key)!r} must be True or '
@@ -69,7 +101,15 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train_and_eval',
   if config.loss.selfreg_weight is not None and config.loss.selfreg_weight < 0:
     raise ConfigError(f'config.loss.selfreg_weight={config.loss.selfreg_weight}'
                       ' must be >= 0.')
+  optimizer = config.optimizer
+  if (optimizer.schedule == 'cosine_restarts'
+      and optimizer.min_learning_rate > optimizer.learning_rate):
+    raise ConfigError(
+        f'config.optimizer.min_learning_rate={optimizer.min_learning_rate} '
+        'must be <= config.optimizer.learning_rate='
+        f'{optimizer.learning_rate} (the floor of each cosine cycle).')
   _validate_model(config)
+  _validate_pretrained(config)
   _validate_batch(config, device_count, process_count)
 
 
@@ -88,11 +128,11 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
         f'config.model.num_classes={model.num_classes} does not fit '
         f'config.dataset.num_classes={dataset.num_classes} (use '
         f'{dataset.num_classes}, or 1 sigmoid logit for a binary set).')
-  if config.init.pretrained and model.name != 'swin_unet':
+  if model.name == 'unet' and dataset.image_size < unet.MIN_IMAGE_SIZE:
     raise ConfigError(
-        f'config.init.pretrained={config.init.pretrained!r}: the ImageNet '
-        "Swin-T initialisation needs config.model.name='swin_unet', got "
-        f'{model.name!r}.')
+        f'config.dataset.image_size={dataset.image_size}: the UNet needs >= '
+        f'{unet.MIN_IMAGE_SIZE}: its {unet.NUM_POOLS} max-pools halve the '
+        'size, rounding down, and must leave at least one pixel.')
   if model.name == 'swin_unet':
     if model.image_size != dataset.image_size:
       raise ConfigError(
@@ -103,6 +143,18 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
                     model.window_size)
     except ValueError as e:
       raise ConfigError(f'config.model.image_size: {e}') from e
+
+
+def _validate_pretrained(config: ml_collections.ConfigDict) -> None:
+  pretrained = config.init.pretrained
+  if not pretrained:
+    return
+  if config.model.name != 'swin_unet':
+    raise ConfigError(
+        f'config.init.pretrained={pretrained!r}: the ImageNet Swin-T '
+        f'initialisation is for the Swin-UNet, not {config.model.name!r}.')
+  if not pathlib.Path(pretrained).is_file():
+    raise ConfigError(f'config.init.pretrained={pretrained!r}: no such file.')
 
 
 def _validate_batch(config: ml_collections.ConfigDict,

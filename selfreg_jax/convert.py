@@ -45,6 +45,7 @@ from ml_collections import config_flags
 import orbax.checkpoint as ocp
 
 from selfreg_jax import checkpoints
+from selfreg_jax import cli
 from selfreg_jax import pretrained
 from selfreg_jax import torch_io
 from selfreg_jax.models import create_model
@@ -90,12 +91,13 @@ def torch_to_orbax(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path,
   Returns:
     The imported variables.
   """
-  state_dict = torch_io.state_dict_of(torch_io.load_checkpoint(checkpoint_path))
+  checkpoint = torch_io.load_checkpoint(checkpoint_path)
   try:
     variables = pretrained.import_torch_state_dict(
-        state_dict, abstract_variables(config.model), config.model.name)
+        torch_io.state_dict_of(checkpoint), abstract_variables(config.model),
+        config.model.name)
   except ValueError as e:
-    raise ValueError(f'{checkpoint_path}: {e}') from None
+    raise cli.UserError(f'{checkpoint_path}: {e}') from None
   checkpoints.write_variables(out, variables, config)
   logging.info('Imported %d PyTorch tensors from %s into %s.',
                len(jax.tree.leaves(variables)), checkpoint_path, out)
@@ -160,4 +162,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_app(main)

@@ -32,6 +32,8 @@ import numpy as np
 from scipy import ndimage
 import tensorflow_datasets as tfds
 
+from selfreg_jax import cli
+
 # Probability of each augmentation branch (docs/design.md section 3).
 _ROT_FLIP_PROBABILITY = 0.5
 _ROTATE_PROBABILITY = 0.5
@@ -85,15 +87,15 @@ def open_dataset(
     short_name = name.removeprefix('selfreg_')
     src = '' if short_name == 'demo' else ' --src DOWNLOADED_FOLDER'
     raise FileNotFoundError(
-        f'{dataset_root}: data set {name!r} is not built. Build it with:\n'
-        f'  python -m data_prep.build {short_name}{src} --out {data_dir}')
+        f'{dataset_root}: data set {name!r} is not built; build it with '
+        f'`python -m data_prep.build {short_name}{src} --out {data_dir}`.')
   return tfds.builder(name, data_dir=str(data_dir))
 
 
 def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
   if split not in builder.info.splits:
-    raise ValueError(f'{builder.data_dir}: no split {split!r}; available: '
-                     f'{sorted(builder.info.splits)}.')
+    raise cli.UserError(f'{builder.data_dir}: no split {split!r}; available: '
+                        f'{sorted(builder.info.splits)}.')
 
 
 def dataset_properties(builder: tfds.core.DatasetBuilder) -> dict[str, int]:
@@ -101,8 +103,8 @@ def dataset_properties(builder: tfds.core.DatasetBuilder) -> dict[str, int]:
   try:
     num_classes = int(builder.info.metadata['num_classes'])
   except (KeyError, TypeError) as e:
-    raise ValueError(f'{builder.data_dir}/metadata.json: no num_classes; was '
-                     'this data set built by data_prep.build?') from e
+    raise cli.UserError(f'{builder.data_dir}/metadata.json: no num_classes; '
+                        'was this data set built by data_prep.build?') from e
   return {
       'in_channels': int(builder.info.features['image'].shape[-1]),
       'num_classes': num_classes,
@@ -114,12 +116,12 @@ def check_matches_config(builder: tfds.core.DatasetBuilder,
   """Checks channels and classes against config.dataset.
 
   Raises:
-    ValueError: they differ from dataset_config.in_channels / num_classes.
+    UserError: they differ from dataset_config.in_channels / num_classes.
   """
   found = dataset_properties(builder)
   expected = {key: int(dataset_config[key]) for key in found}
   if found != expected:
-    raise ValueError(
+    raise cli.UserError(
         f'{builder.data_dir}: data set has {found} but config.dataset asks '
         f'for {expected}.')
 

@@ -49,6 +49,7 @@ from scipy import stats
 
 from selfreg_jax import analysis
 from selfreg_jax import checkpoints
+from selfreg_jax import cli
 from selfreg_jax import evaluate
 from selfreg_jax import files
 
@@ -133,11 +134,11 @@ def load_run(workdir: pathlib.Path, split: str | None = None) -> Run:
   try:
     summary = json.loads(path.read_text())
   except json.JSONDecodeError as e:
-    raise ValueError(f'{path}: not valid JSON ({e}).') from e
+    raise cli.UserError(f'{path}: not valid JSON ({e}).') from e
   missing = {'mean_dice', 'mean_hd95', 'per_class', 'class_names'} - set(
       summary)
   if missing:
-    raise ValueError(f'{path}: summary lacks {sorted(missing)}.')
+    raise cli.UserError(f'{path}: summary lacks {sorted(missing)}.')
   return Run(workdir.name, workdir, summary, load_config(workdir))
 
 
@@ -382,7 +383,7 @@ def plot_key(runs: Sequence[Run], x_key: str | None) -> str | None:
           if k != SEED_KEY]
   if x_key is not None:
     if any(not _is_number(r.config.get(x_key)) for r in runs):
-      raise ValueError(f'--x={x_key}: not a number in every run config.')
+      raise cli.UserError(f'--x={x_key}: not a number in every run config.')
     return x_key
   return next((k for k in keys
                if all(_is_number(r.config.get(k)) for r in runs)), None)
@@ -474,4 +475,4 @@ if __name__ == '__main__':
   flags.DEFINE_string('split', None, 'Use only evaluations of this split.')
   flags.DEFINE_string('x', None, 'Config key on the plot x axis; default the '
                       'first differing numeric key.')
-  app.run(main)
+  cli.run_app(main)

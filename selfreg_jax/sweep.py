@@ -46,6 +46,8 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from selfreg_jax import cli
+from selfreg_jax import configuration
 from selfreg_jax import evaluate
 from selfreg_jax import files
 from selfreg_jax import host_memory
@@ -70,9 +72,9 @@ def parse_grid_flags(specs: Sequence[str]) -> Grid:
   for spec in specs:
     key, sep, values = spec.partition('=')
     if not sep or not key or not values:
-      raise ValueError(f'--grid {spec!r}: expected KEY=V1,V2,...')
+      raise cli.UserError(f'--grid {spec!r}: expected KEY=V1,V2,...')
     if key in grid:
-      raise ValueError(f'--grid {spec!r}: key {key!r} given twice.')
+      raise cli.UserError(f'--grid {spec!r}: key {key!r} given twice.')
     grid[key] = [parse_value(v) for v in values.split(',')]
   return grid
 
@@ -95,16 +97,16 @@ def config_grid(config: ml_collections.ConfigDict,
   sweep = config.get(SWEEP_FIELD)
   if sweep is not None:
     if grid_flags:
-      raise ValueError('Both config.sweep and --grid are given; use one.')
+      raise cli.UserError('Both config.sweep and --grid are given; use one.')
     grid = _flat_grid(sweep)
   else:
     grid = parse_grid_flags(grid_flags)
   if not grid:
-    raise ValueError('No sweep grid: set config.sweep or pass --grid '
+    raise cli.UserError('No sweep grid: set config.sweep or pass --grid '
                      'KEY=V1,V2,...')
   for key, values in grid.items():
     if not values:
-      raise ValueError(f'Sweep key {key!r} has no values.')
+      raise cli.UserError(f'Sweep key {key!r} has no values.')
   return grid
 
 
@@ -124,7 +126,7 @@ def point_name(point: dict[str, Any]) -> str:
   """{'loss.scr_weight': 0.01} -> 'loss.scr_weight=0.01' (the run folder)."""
   name = ','.join(f'{key}={value}' for key, value in point.items())
   if '/' in name or name.startswith('.'):
-    raise ValueError(f'Sweep point {point} gives the folder name {name!r}; '
+    raise cli.UserError(f'Sweep point {point} gives the folder name {name!r}; '
                      "values must not contain '/'.")
   return name
 
@@ -137,22 +139,18 @@ def point_config(config: ml_collections.ConfigDict,
   result = copy.deepcopy(ml_collections.ConfigDict(
       {key: config[key] for key in config.keys() if key != SWEEP_FIELD}))
   for key, value in point.items():
+    cli.check_config_key(result, key)
     *parents, leaf = key.split('.')
     node = result
-    for i, part in enumerate(parents):
-      if part not in node or not isinstance(node[part],
-                                            ml_collections.ConfigDict):
-        raise ValueError(f'Sweep key {key!r}: config has no section '
-                         f'{".".join(parents[:i + 1])!r}.')
+    for part in parents:
       node = node[part]
-    if leaf not in node:
-      raise ValueError(f'Sweep key {key!r}: config has no field {leaf!r}.')
     if isinstance(node[leaf], float) and isinstance(value, int):
       value = float(value)
     try:
       node[leaf] = value
     except TypeError as e:
-      raise ValueError(f'Sweep key {key!r}: cannot set {value!r}: {e}') from e
+      raise cli.UserError(
+          f'Sweep key {key!r}: cannot set {value!r}: {e}') from e
   return result
 
 
@@ -177,7 +175,8 @@ def _record_point(root: pathlib.Path, name: str, status: str,
 
 def run_sweep(config: ml_collections.ConfigDict, root: str | pathlib.Path,
               grid: Grid) -> dict[str, str]:
-  """Trains and evaluates every point not done yet, then writes the report.
+  """Trains and evaluates every point not done yet, once every point's config
+  is valid, then writes the report.
 
   Returns {point folder name: 'trained' or 'skipped'}.
   """
@@ -185,6 +184,11 @@ def run_sweep(config: ml_collections.ConfigDict, root: str | pathlib.Path,
   root = pathlib.Path(root)
   points = grid_points(grid)
   configs = {point_name(p): point_config(config, p) for p in points}
+  for name, run_config in configs.items():
+    try:
+      configuration.validate(run_config)
+    except configuration.ConfigError as e:
+      raise configuration.ConfigError(f'sweep point {name}: {e}') from e
   status = {}
   for i, (name, run_config) in enumerate(configs.items()):
     workdir = root / name
@@ -236,6 +240,8 @@ def main(argv):
   config = FLAGS.config
   grid = config_grid(config, FLAGS.grid)
   if FLAGS['print-commands'].value:
+    for point in grid_points(grid):
+      point_config(config, point)  # Refuses unknown keys.
     overrides = config_flags.get_override_values(FLAGS['config'])
     flat = {}
 
@@ -266,4 +272,4 @@ if __name__ == '__main__':
   flags.DEFINE_bool('print-commands', False, 'Print one main.py command per '
                     'point instead of running them.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run_app(main)

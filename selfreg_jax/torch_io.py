@@ -44,6 +44,7 @@ import safetensors
 import safetensors.numpy
 
 from selfreg_jax import files
+from selfreg_jax import cli
 
 PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, np.ndarray]
@@ -81,7 +82,7 @@ _TENSOR_BYTES_PER_FILE_BYTE = 4
 _NPZ_EXPANSION = 100
 
 
-class CheckpointError(ValueError):
+class CheckpointError(cli.UserError):
   """A checkpoint file is unreadable, malformed or of an unsupported kind."""
 
 

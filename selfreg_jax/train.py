@@ -281,6 +281,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     The final evaluation summary (empty for mode='train').
   """
   configuration.validate(config, mode)
+  logging.info('JAX process %d/%d, %d local / %d global devices (%s).',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
   workdir = pathlib.Path(workdir)
   ensure_demo_data(config)
   if mode == 'eval':

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import fixtures_sources
 from data_prep import build
 from data_prep import builders
 from data_prep import demo
+from selfreg_jax import cli
 from selfreg_jax import input_pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -210,12 +212,71 @@ def test_real_data_set_needs_an_existing_source_folder(tmp_path):
 
 def test_cli(tmp_path, capsys):
   options = [f'--option={k}={v}' for k, v in TINY_OPTIONS.items()]
-  assert build.main(['demo', '--out', str(tmp_path), *options]) == 0
+  assert build.main(['demo', '--out', str(tmp_path), *options]) is None
   out = capsys.readouterr().out
   assert f'Built {DATASET_NAME}' in out and str(tmp_path) in out
   assert (tmp_path / DATASET_NAME / '1.0.0' / 'dataset_info.json').is_file()
-  assert build.main(['demo', '--out', str(tmp_path), '--val-cases', '2']) == 1
-  assert "unknown build option(s) ['val_cases']" in capsys.readouterr().err
-  with pytest.raises(SystemExit):
-    build.main(['nonesuch'])
-  assert "invalid choice: 'nonesuch'" in capsys.readouterr().err
+  error, _ = _cli_error(['demo', '--out', str(tmp_path), '--val-cases', '2'],
+                        capsys)
+  assert "unknown build option(s) ['val_cases']" in error
+  error, _ = _cli_error(['nonesuch'], capsys)
+  assert error.startswith("argument name: invalid choice: 'nonesuch'")
+
+
+def _cli_error(argv, capsys) -> tuple[str, str]:
+  """The one `error: ` line (less the prefix) of the build CLI on `argv`,
+  and what it printed on stdout."""
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(build.main, argv)
+  assert exit_info.value.code == cli.EXIT_USER_ERROR
+  captured = capsys.readouterr()
+  lines = captured.err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), lines
+  return lines[0].removeprefix('error: '), captured.out
+
+
+@pytest.mark.parametrize('name', ['synapse', 'acdc', 'glas', 'monuseg'])
+def test_cli_refuses_an_empty_source_folder_and_leaves_nothing(
+    name, tmp_path, capsys):
+  empty, data_dir = tmp_path / 'downloaded', tmp_path / 'tfds'
+  empty.mkdir()
+  error, out = _cli_error(
+      [name, '--src', str(empty), '--out', str(data_dir)], capsys)
+  assert error == (f'{empty}: source folder of {name!r} is empty; the '
+                   'download instructions are printed above.')
+  assert f'python -m data_prep.build {name} --src' in out
+  assert not data_dir.exists()
+
+
+def test_cli_refuses_an_empty_split_folder_and_leaves_nothing(tmp_path,
+                                                              capsys):
+  src, data_dir = tmp_path / 'GlaS', tmp_path / 'tfds'
+  fixtures_sources.write_split_folders(src, {'train': 2, 'test': 1})
+  for folder in ('img', 'labelcol'):
+    (src / 'Val_Folder' / folder).mkdir(parents=True)
+  error, _ = _cli_error(['glas', '--src', str(src), '--out', str(data_dir)],
+                        capsys)
+  assert error == (f"{src / 'Val_Folder'}: the 'validation' split is empty "
+                   '(no pictures in img/ nor masks in labelcol/).')
+  assert not data_dir.exists()
+
+
+def test_failed_build_removes_only_the_folders_it_created(tmp_path):
+  data_dir = tmp_path / 'tfds'
+  other = data_dir / 'other_dataset' / 'kept.txt'
+  other.parent.mkdir(parents=True)
+  other.write_text('not ours')
+  no_validation = {**TINY_OPTIONS, 'num_validation_cases': 0}
+  with pytest.raises(ValueError,
+                     match="'validation' split of demo holds no examples"):
+    build.build_dataset('demo', data_dir=data_dir, **no_validation)
+  assert sorted(p.name for p in data_dir.iterdir()) == ['other_dataset']
+  assert other.read_text() == 'not ours'
+  # A data set folder that was there before stays, with what it held.
+  older = data_dir / DATASET_NAME / '0.9.0' / 'kept.txt'
+  older.parent.mkdir(parents=True)
+  older.write_text('an older version')
+  with pytest.raises(ValueError, match='holds no examples'):
+    build.build_dataset('demo', data_dir=data_dir, **no_validation)
+  assert [p.name for p in (data_dir / DATASET_NAME).iterdir()] == ['0.9.0']
+  assert older.read_text() == 'an older version'

@@ -72,7 +72,7 @@ def test_unrecognised_folder_names_folder_and_layouts(module, tmp_path):
   with pytest.raises(FileNotFoundError) as info:
     module.generate_examples(tmp_path, 'train')
   message = str(info.value)
-  assert str(tmp_path) in message
+  assert str(tmp_path) in message and '\n' not in message
   for layout in module.LAYOUTS:
     assert layout in message
 
@@ -573,6 +573,50 @@ def test_monuseg_bad_annotations_name_the_file(tmp_path):
   assert 'no mask' in message(FileNotFoundError)
   assert 'testing part' in raised(
       FileNotFoundError, monuseg.generate_examples, tmp_path, 'test')
+
+
+def test_monuseg_polygon_outside_its_image_is_refused(tmp_path):
+  fx.write_monuseg_release(tmp_path, MONUSEG_TRAIN[:2], ())
+  xml = (tmp_path / 'MoNuSeg 2018 Training Data' / 'Annotations' /
+         f'{MONUSEG_TRAIN[0]}.xml')
+  height, width = fx.MONUSEG_HW
+  inside = fx.rectangle_polygon(2, 3, 6, 9)
+  # (top, left, bottom, right) of polygons with no vertex in the image: one
+  # beside it (filled to nothing) and one around it (filled to all of it).
+  for box in ((5, width + 2, 9, width + 12), (-4, -3, height + 4, width + 5)):
+    xml.write_text(fx.aperio_xml([inside, fx.rectangle_polygon(*box)]))
+    top, left, bottom, right = box
+    message = raised(ValueError, monuseg.generate_examples, tmp_path, 'train',
+                     val_cases=0)
+    assert message == (
+        f'{xml}: polygon 1 (0-based, of 2) lies entirely outside the '
+        f'{width}x{height} image: its vertices span x {left}..{right}, '
+        f'y {top}..{bottom} px.')
+
+
+def test_monuseg_polygon_across_the_border_is_clipped(tmp_path):
+  fx.write_monuseg_release(tmp_path, MONUSEG_TRAIN[:1], ())
+  xml = (tmp_path / 'MoNuSeg 2018 Training Data' / 'Annotations' /
+         f'{MONUSEG_TRAIN[0]}.xml')
+  height, width = fx.MONUSEG_HW
+  xml.write_text(fx.aperio_xml([fx.rectangle_polygon(-3, width - 4,
+                                                     5, width + 6)]))
+  (_, example), = collect(monuseg.generate_examples(tmp_path, 'train',
+                                                    val_cases=0))
+  expected = np.zeros(fx.MONUSEG_HW, np.uint8)
+  expected[:6, width - 4:] = 1
+  np.testing.assert_array_equal(example['label'], expected)
+
+
+def test_split_folder_without_pictures_is_refused(tmp_path):
+  fx.write_split_folders(tmp_path, {'train': 2})
+  for folder in ('img', 'labelcol'):
+    (tmp_path / 'Val_Folder' / folder).mkdir(parents=True)
+  for module in (glas, monuseg):
+    message = raised(FileNotFoundError, module.generate_examples, tmp_path,
+                     'validation')
+    assert message == (f"{tmp_path / 'Val_Folder'}: the 'validation' split is "
+                       'empty (no pictures in img/ nor masks in labelcol/).')
 
 
 def test_monuseg_split_folders_with_tiff_images(tmp_path):

@@ -16,6 +16,8 @@ from PIL import Image
 import tiny_train_config
 from configs.studies import monuseg_cpu
 from selfreg_jax import checkpoints
+from selfreg_jax import cli
+from selfreg_jax import configuration
 from selfreg_jax import evaluate
 from selfreg_jax import files
 from selfreg_jax import report
@@ -174,10 +176,24 @@ def test_bad_grid_flags_are_refused(specs, message):
     sweep.parse_grid_flags(specs)
 
 
-def test_unknown_sweep_key_is_named():
+def test_unknown_sweep_key_is_named_with_the_closest_key():
   config = tiny_train_config.get_config('unet')
-  with pytest.raises(ValueError, match='loss.scr_weigth'):
-    sweep.point_config(config, {'loss.scr_weigth': 0.1})
+  config.sweep = {'loss': {'scr_weigth': [0.0, 0.1]}}
+  grid = sweep.config_grid(config)
+  with pytest.raises(cli.UserError) as error:
+    sweep.point_config(config, sweep.grid_points(grid)[0])
+  assert str(error.value) == ("unknown config key 'loss.scr_weigth' (did you "
+                              "mean 'loss.scr_weight'?)")
+
+
+def test_every_point_is_validated_before_any_trains(tmp_path):
+  config = tiny_train_config.get_config('unet')
+  with pytest.raises(configuration.ConfigError) as error:
+    sweep.run_sweep(config, tmp_path, {'optimizer.momentum': [0.9, -1.0]})
+  assert str(error.value) == ('sweep point optimizer.momentum=-1.0: '
+                              'config.optimizer.momentum=-1.0 must be in '
+                              '[0, 1).')
+  assert not list(tmp_path.iterdir())
 
 
 def test_report_of_a_folder_without_runs_names_it(tmp_path):

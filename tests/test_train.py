@@ -17,7 +17,6 @@ from tensorboard.util import tensor_util
 
 import tiny_train_config
 from selfreg_jax import checkpoints
-from selfreg_jax import configuration
 from selfreg_jax import train
 from selfreg_jax.models import create_model
 
@@ -223,40 +222,3 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_demo_data_dir,
   assert f'at step {saved}.' in resumed.stderr
   with checkpoints.create_manager(tmp_path, read_only=True) as manager:
     assert manager.latest_step() == saved + 2
-
-
-def test_unknown_config_key_fails_before_compilation(tiny_demo_data_dir,
-                                                     tmp_path):
-  run = _run_main(_main_args('unet', tmp_path, tiny_demo_data_dir,
-                             '--config.optimizer.learning_rat=0.1'),
-                  timeout=120)
-  assert run.returncode != 0
-  assert 'learning_rat' in run.stderr
-  assert not (tmp_path / checkpoints.CHECKPOINT_DIR).exists()
-
-
-@pytest.mark.parametrize('change,message', [
-    (lambda c: c.update(batch_size=12), 'config.batch_size=12 must be divisible'),
-    (lambda c: c.model.update(image_size=40), 'config.model.image_size'),
-    (lambda c: c.optimizer.update(name='lamb'), 'config.optimizer.name'),
-    (lambda c: c.model.update(num_classes=3), 'config.model.num_classes'),
-    (lambda c: c.init.update(load_final_norm=None),
-     'config.init.load_final_norm=None must be True or False'),
-])
-def test_bad_config_values_fail_with_the_key_named(tiny_demo_data_dir, change,
-                                                   message):
-  config = _config(tiny_demo_data_dir, 'swin_unet')
-  change(config)
-  if 'image_size' in message:
-    config.dataset.image_size = 40
-  with pytest.raises(configuration.ConfigError, match=message):
-    configuration.validate(config, device_count=8, process_count=1)
-
-
-def test_imagenet_init_of_a_unet_fails_with_the_key_named():
-  config = tiny_train_config.get_config('unet')
-  config.init.pretrained = 'swin_tiny_patch4_window7_224.pth'
-  with pytest.raises(configuration.ConfigError,
-                     match=r"config\.init\.pretrained=.*needs "
-                     r"config\.model\.name='swin_unet', got 'unet'"):
-    configuration.validate(config, device_count=1, process_count=1)

@@ -74,10 +74,10 @@ def require_folder(src: pathlib.Path | str | None,
 def layout_error(src: pathlib.Path, dataset: str,
                  layouts: Mapping[str, str]) -> FileNotFoundError:
   """The error for a folder that holds none of a data set's layouts."""
-  expected = '\n'.join(f'  - {name}: {what}' for name, what in layouts.items())
+  expected = '; or '.join(f'the {name} ({what})'
+                          for name, what in layouts.items())
   return FileNotFoundError(
-      f'{src}: holds no recognised {dataset} layout. Expected one of:\n'
-      f'{expected}')
+      f'{src}: holds no recognised {dataset} layout; expected {expected}.')
 
 
 def check_split(split: str, splits: Sequence[str]) -> None:
@@ -434,8 +434,13 @@ def split_folder_pairs(src: pathlib.Path,
   for folder in (image_folder, mask_folder):
     if not folder.is_dir():
       raise FileNotFoundError(f'{folder}: missing folder of split {split!r}.')
-  return pair_by_stem(
+  pairs = pair_by_stem(
       list_pictures(image_folder), list_pictures(mask_folder), mask_folder)
+  if not pairs:
+    raise FileNotFoundError(
+        f'{root}: the {split!r} split is empty (no pictures in '
+        f'{image_folder.name}/ nor masks in {mask_folder.name}/).')
+  return pairs
 
 
 def picture_label_from_mask(mask_path: pathlib.Path,

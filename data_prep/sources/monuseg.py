@@ -9,8 +9,9 @@ Two layouts are read:
   Aperio ImageScope XML (Annotations/Annotation/Regions/Region/Vertices/Vertex
   X= Y=, in pixels, X = column) is rasterised by filling every nucleus polygon
   (PIL.ImageDraw, outline included; regions with fewer than 3 vertices are
-  skipped). Validation holds out 6 training images: by default the 6 of the
-  UCTransNet split, so both layouts give the same 24/6/14 split.
+  skipped; a polygon with no vertex inside its image is refused). Validation
+  holds out 6 training images: by default the 6 of the UCTransNet split, so
+  both layouts give the same 24/6/14 split.
 * `{Train,Val,Test}_Folder/{img,labelcol}` (UCTransNet copy): images PNG or
   TIFF RGB, masks `<stem>.png` in {0, 255}; foreground = mask > 0.
 
@@ -91,10 +92,32 @@ def polygon_mask(polygons: Sequence[np.ndarray],
   return np.asarray(canvas, np.uint8)
 
 
+def check_polygons_in_image(polygons: Sequence[np.ndarray],
+                            image_hw: tuple[int, int],
+                            path: pathlib.Path) -> None:
+  """Refuses a polygon with no vertex inside the image.
+
+  Filling clips such a polygon: it draws nothing, or, around the image, makes
+  all of it foreground; either way the annotation does not fit the image.
+  """
+  height, width = image_hw
+  for index, polygon in enumerate(polygons):
+    x, y = polygon[:, 0], polygon[:, 1]
+    inside = (x >= 0) & (x <= width - 1) & (y >= 0) & (y <= height - 1)
+    if not inside.any():
+      raise ValueError(
+          f'{path}: polygon {index} (0-based, of {len(polygons)}) lies '
+          f'entirely outside the {width}x{height} image: its vertices span '
+          f'x {x.min():g}..{x.max():g}, y {y.min():g}..{y.max():g} px.')
+
+
 def annotation_label(path: pathlib.Path,
                      image_hw: tuple[int, int]) -> np.ndarray:
-  """Binary (H, W) label rasterised from an XML annotation."""
-  return polygon_mask(read_polygons(path), image_hw)
+  """Binary (H, W) label rasterised from an XML annotation whose polygons
+  each have a vertex inside the image."""
+  polygons = read_polygons(path)
+  check_polygons_in_image(polygons, image_hw, path)
+  return polygon_mask(polygons, image_hw)
 
 
 def _folders_within(src: pathlib.Path, depth: int) -> list[pathlib.Path]:
@@ -133,7 +156,8 @@ def _release_split(src: pathlib.Path, parts, split: str,
   if part not in parts:
     raise FileNotFoundError(
         f'{src}: the official release\'s {part}ing part is missing; the '
-        f'{split!r} split needs it.\nExpected: {LAYOUTS["official release"]}.')
+        f'{split!r} split needs it (expected: '
+        f'{LAYOUTS["official release"]}).')
   pairs = common.pair_by_stem(*parts[part])
   if split == 'test':
     return pairs

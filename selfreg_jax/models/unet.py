@@ -4,6 +4,8 @@ inc -> down1..down4 (2x2 max-pool, DoubleConv) -> up1..up4 (bilinear x2 with
 align_corners=True, pad to the skip, concat [skip, upsampled], DoubleConv) ->
 outc (1x1 conv with bias). With widths (64, 128, 256, 512, 1024), 1 input
 channel and 9 classes it has 17,262,345 parameters, like the PyTorch model.
+Any input of at least MIN_IMAGE_SIZE pixels a side works: the max-pools round
+down and each Up pads back to its skip's size.
 """
 
 from typing import Any, Sequence
@@ -16,6 +18,11 @@ import numpy as np
 from selfreg_jax.models import conv
 from selfreg_jax.models.batch_norm import BatchNorm
 from selfreg_jax.models.features import Features
+
+# The down stages' 2x2 max-pools (rounding down) must leave the bottleneck at
+# least one pixel: inputs need MIN_IMAGE_SIZE pixels a side.
+NUM_POOLS = 4
+MIN_IMAGE_SIZE = 2 ** NUM_POOLS
 
 # PyTorch's default conv init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
 torch_conv_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
