@@ -8,7 +8,8 @@ def get_config(model: str = 'swin_unet'):
   config = base.get_config(dataset='acdc', model=model)
   config.optimizer.update(name='adamw', learning_rate=1e-4, weight_decay=1e-4,
                           schedule='constant')
-  config.loss.update(ce_weight=0.3, dice_weight=0.7, selfreg_weight=0.1)
+  config.loss.update(ce_weight=0.3, dice_weight=0.7, scr_weight=0.1,
+                     ifd_weight=0.1)
   config.batch_size = 12
   config.num_epochs = 400
   return config

@@ -64,10 +64,10 @@ def get_config(dataset: str = 'demo', model: str = 'unet'
       ce_weight=0.4,       # CE (or BCE for one-logit binary tasks)
       dice_weight=0.6,
       use_selfreg=True,    # False = the baseline without SCR and IFD
-      scr_weight=0.015,    # the paper's lambda_1
-      ifd_weight=0.015,    # the paper's lambda_2
-      # The public code's single lambda for both terms; overrides the two above.
-      selfreg_weight=config_dict.placeholder(float),
+      # The paper's lambda_1 and lambda_2 (the public code uses one value for
+      # both; 0 drops a term, e.g. ifd_weight=0 for SCR alone).
+      scr_weight=0.015,
+      ifd_weight=0.015,
   ))
 
   config.optimizer = ml_collections.ConfigDict(dict(

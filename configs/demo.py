@@ -13,7 +13,8 @@ def get_config():
   config.model.widths = (16, 32, 64, 128, 256)
   config.optimizer.update(name='adamw', learning_rate=2e-3, weight_decay=1e-4,
                           schedule='constant')
-  config.loss.update(ce_weight=0.4, dice_weight=0.6, selfreg_weight=0.015)
+  config.loss.update(ce_weight=0.4, dice_weight=0.6, scr_weight=0.015,
+                     ifd_weight=0.015)
   config.batch_size = 8
   config.num_train_steps = 300
   config.log_every_steps = 25

@@ -98,9 +98,6 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train_and_eval',
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError('config.num_epochs or config.num_train_steps must be '
                       '> 0.')
-  if config.loss.selfreg_weight is not None and config.loss.selfreg_weight < 0:
-    raise ConfigError(f'config.loss.selfreg_weight={config.loss.selfreg_weight}'
-                      ' must be >= 0.')
   optimizer = config.optimizer
   if (optimizer.schedule == 'cosine_restarts'
       and optimizer.min_learning_rate > optimizer.learning_rate):

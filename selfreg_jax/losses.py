@@ -269,10 +269,8 @@ def total_loss(logits: jax.Array, labels: jax.Array, features: Features,
   """L = w_ce CE + w_dice Dice + scr_weight L_SCR + ifd_weight L_IFD.
 
   `loss_config` fields: ce_weight, dice_weight, scr_weight, ifd_weight and
-  optionally use_selfreg (False: the baseline, both weights 0) and
-  selfreg_weight (the public code's single lambda: when set, it replaces both
-  scr_weight and ifd_weight). A one-channel `logits` selects
-  the binary Dice+BCE form (ce_weight then weights BCE). Returns the scalar
+  optionally use_selfreg (False: the baseline, both weights 0). A one-channel
+  `logits` selects the binary Dice+BCE form (ce_weight then weights BCE). Returns the scalar
   and its unweighted parts {ce, dice, scr, ifd} plus the total.
   """
   scr_weight, ifd_weight = selfreg_weights(loss_config)
@@ -290,11 +288,7 @@ def total_loss(logits: jax.Array, labels: jax.Array, features: Features,
 
 
 def selfreg_weights(loss_config: Mapping) -> tuple[float, float]:
-  """(scr_weight, ifd_weight): 0 for the baseline (use_selfreg=False), else
-  the single lambda when selfreg_weight is set, else the two weights."""
+  """(scr_weight, ifd_weight): 0 for the baseline (use_selfreg=False)."""
   if not loss_config.get('use_selfreg', True):
     return 0.0, 0.0
-  single = loss_config.get('selfreg_weight')
-  if single is not None:
-    return float(single), float(single)
   return float(loss_config['scr_weight']), float(loss_config['ifd_weight'])

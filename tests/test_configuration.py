@@ -1,5 +1,7 @@
 """Config validation: every bad value is refused by name, before compilation."""
 
+import importlib
+
 import jax
 import numpy as np
 import pytest
@@ -57,6 +59,20 @@ def _bottleneck_pixels(image_sizes):
 @pytest.mark.parametrize('recipe', RECIPES)
 def test_recipes_are_valid(recipe):
   _validate(RECIPES[recipe]())
+
+
+# The SelfReg lambda of each recipe (docs/design.md section 2, from the
+# paper and its public code: one value weights both SCR and IFD).
+PUBLIC_LAMBDAS = {'synapse_swin': 0.01, 'synapse_unet': 0.015, 'acdc_swin': 0.1,
+                  'acdc_unet': 0.1, 'glas_unet': 0.015, 'glas_swin': 0.015,
+                  'monuseg_unet': 0.015, 'monuseg_swin': 0.015}
+
+
+@pytest.mark.parametrize('recipe', PUBLIC_LAMBDAS)
+def test_recipes_weight_both_terms_with_the_public_lambda(recipe):
+  loss = importlib.import_module(f'configs.{recipe}').get_config().loss
+  assert loss.use_selfreg
+  assert (loss.scr_weight, loss.ifd_weight) == (PUBLIC_LAMBDAS[recipe],) * 2
 
 
 def test_config_errors_are_user_errors():

@@ -194,7 +194,7 @@ def test_selfreg_loss_swin_structure():
 
 def _loss_config(**weights):
   config = dict(ce_weight=0.4, dice_weight=0.6, scr_weight=0.015,
-                ifd_weight=0.02, selfreg_weight=None)
+                ifd_weight=0.02)
   config.update(weights)
   return config
 
@@ -208,12 +208,6 @@ def test_total_loss_composes_weighted_parts():
               + 0.02 * parts['ifd'])
   np.testing.assert_allclose(total, expected, rtol=1e-6)
   assert set(parts) == {'total', 'ce', 'dice', 'scr', 'ifd'}
-  # The public code's single lambda replaces both weights.
-  single = _loss_config(selfreg_weight=0.1)
-  total, parts = losses.total_loss(logits, labels, f, jax.random.key(0), single)
-  np.testing.assert_allclose(
-      total, 0.4 * parts['ce'] + 0.6 * parts['dice']
-      + 0.1 * (parts['scr'] + parts['ifd']), rtol=1e-6)
 
 
 def test_zero_weight_removes_the_terms_computation():
