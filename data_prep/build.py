@@ -5,9 +5,13 @@
   python -m data_prep.build monuseg --src ~/data/MoNuSeg --out /data/tfds
   python -m data_prep.build glas --src ~/data/GlaS --option seed=1
 
+An option that the layout found in the source folder does not use is
+refused; `--val-cases 0` builds no validation split.
+
 The result lands in `DATA_DIR/selfreg_NAME/VERSION/` (DATA_DIR defaults to
 $TFDS_DATA_DIR or ~/tensorflow_datasets). Building is idempotent: a data set
-that is already built with the same options is left as it is. TFDS writes
+that is already built from the same layout with the same options is left as
+it is. TFDS writes
 into an `incomplete.*` folder and renames it when done, so an interrupted
 build leaves nothing that reads as a data set; the next build removes such
 leftovers. A build that fails removes the folders it created (DATA_DIR,
@@ -24,6 +28,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+import types
 from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
@@ -82,14 +87,21 @@ def remove_incomplete_builds(dataset_dir: pathlib.Path) -> list[pathlib.Path]:
   return leftovers
 
 
-def _recorded_options(dataset_dir: pathlib.Path) -> dict[str, Any]:
+def _recorded_build(dataset_dir: pathlib.Path) -> dict[str, Any]:
+  """{'layout': ..., 'options': ...} as recorded in a built data set."""
   metadata_file = dataset_dir / 'metadata.json'
   try:
-    return json.loads(metadata_file.read_text())['options']
+    metadata = json.loads(metadata_file.read_text())
+    return {'layout': metadata.get('layout'), 'options': metadata['options']}
   except (OSError, ValueError, KeyError) as e:
     raise ValueError(
         f'{metadata_file}: cannot read the build options of this data set '
         f'({e}); delete {dataset_dir} and rebuild.') from e
+
+
+def _record_name(source: types.ModuleType) -> str:
+  """What a record of `source` is to its user: 'slices' or 'images'."""
+  return 'slices' if source.IS_VOLUMETRIC else 'images'
 
 
 def build_dataset(name: str,
@@ -109,36 +121,41 @@ def build_dataset(name: str,
     The built data set's folder, `data_dir/selfreg_NAME/VERSION`.
 
   Raises:
-    ValueError: unknown name or option, the data set is already built with
+    ValueError: unknown name or option, an option the layout in `src` does
+      not use, the data set is already built from another layout or with
       other options, or a source file is bad (the message names it).
-    FileNotFoundError: the source folder is missing or empty, or a source file
-      is missing.
+    FileNotFoundError: the source folder is missing or empty or holds no
+      known layout, or a source file is missing.
   """
   builder_cls = builders.builder_class(name)
+  source = sources.load_source(builder_cls.SOURCE)
+  manual_dir = None
+  if sources.needs_source_folder(source):
+    manual_dir = pathlib.Path(src).expanduser() if src is not None else None
+    _check_source_folder(name, manual_dir,
+                         source.MANUAL_DOWNLOAD_INSTRUCTIONS)
+  elif src is not None:
+    print(f'{name!r} needs no source folder; ignoring {src}.')
   data_dir = pathlib.Path(data_dir or default_data_dir()).expanduser()
-  builder = builder_cls(data_dir=str(data_dir), options=options,
-                        file_format='array_record')
+  builder = builder_cls(data_dir=str(data_dir), src=manual_dir,
+                        options=options, file_format='array_record')
   dataset_dir = pathlib.Path(builder.data_dir)
+  build = {'layout': builder.plan.layout, 'options': builder.options}
   if (dataset_dir / 'dataset_info.json').exists():
-    recorded = _recorded_options(dataset_dir)
-    if recorded != builder.options:
+    recorded = _recorded_build(dataset_dir)
+    if recorded != build:
       raise ValueError(
-          f'{dataset_dir}: already built with options {recorded}, not '
-          f'{builder.options}. Delete it or choose another data dir (--out).')
+          f'{dataset_dir}: already built from layout {recorded["layout"]!r} '
+          f'with options {recorded["options"]}, not from {build["layout"]!r} '
+          f'with {build["options"]}. Delete it or choose another data dir '
+          '(--out).')
     print(f'{builder.name} is already built at {dataset_dir}.')
     return dataset_dir
 
-  manual_dir = None
-  if sources.needs_source_folder(builder.source):
-    manual_dir = pathlib.Path(src).expanduser() if src is not None else None
-    _check_source_folder(name, manual_dir,
-                         builder.source.MANUAL_DOWNLOAD_INSTRUCTIONS)
-  elif src is not None:
-    print(f'{name!r} needs no source folder; ignoring {src}.')
   for leftover in remove_incomplete_builds(dataset_dir):
     print(f'Removed the leftover of an interrupted build: {leftover}')
-  print(f'Building {builder.name} (options {builder.options}) '
-        f'into {dataset_dir} ...')
+  print(f'Building {builder.name} (layout: {builder.plan.layout}; options '
+        f'{builder.options}) into {dataset_dir} ...')
   with (tempfile.TemporaryDirectory(prefix='selfreg_downloads_') as downloads,
         _removed_on_failure([data_dir, dataset_dir.parent])):
     builder.download_and_prepare(
@@ -146,7 +163,10 @@ def build_dataset(name: str,
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   counts = ', '.join(f'{split} {info.num_examples}'
                      for split, info in builder.info.splits.items())
-  print(f'Built {builder.name}: {counts} slices at {dataset_dir}.')
+  no_validation = ('' if 'validation' in builder.info.splits else
+                   ' (no validation split)')
+  print(f'Built {builder.name}: {counts} {_record_name(source)}{no_validation} '
+        f'at {dataset_dir}.')
   return dataset_dir
 
 
@@ -172,7 +192,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help=f'TFDS data dir (default {default_data_dir()})')
   parser.add_argument('--val-cases', type=int, default=None,
                       help='validation cases held out of training '
-                      '(sources that take a `val_cases` option)')
+                      '(sources that take a `val_cases` option); 0 builds no '
+                      'validation split')
   parser.add_argument('--seed', type=int, default=None,
                       help='seed of the source (e.g. of the validation split)')
   parser.add_argument('--option', type=_parse_option, action='append',
