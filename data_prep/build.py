@@ -5,8 +5,10 @@
   python -m data_prep.build monuseg --src ~/data/MoNuSeg --out /data/tfds
   python -m data_prep.build glas --src ~/data/GlaS --option seed=1
 
-An option that the layout found in the source folder does not use is
-refused; `--val-cases 0` builds no validation split.
+`python -m data_prep.build NAME --help` lists the layouts of the source folder
+that data set accepts and its build options with their defaults. An option
+that the layout found does not use is refused; `--val-cases 0` builds no
+validation split.
 
 The result lands in `DATA_DIR/selfreg_NAME/VERSION/` (DATA_DIR defaults to
 $TFDS_DATA_DIR or ~/tensorflow_datasets). Building is idempotent: a data set
@@ -28,6 +30,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+import textwrap
 import types
 from typing import Any, Iterator, Sequence
 
@@ -180,10 +183,56 @@ def _parse_option(text: str) -> tuple[str, Any]:
     return key, value  # A bare string.
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def dataset_help(name: str) -> str:
+  """What `python -m data_prep.build NAME --help` adds: the data set's
+  accepted layouts and its build options with their defaults."""
+  source = sources.load_source(builders.builder_class(name).SOURCE)
+  summary = (source.__doc__ or source.NAME).strip().splitlines()[0]
+  lines = [f'{name}: {summary}', '',
+           'Accepted layouts of the source folder (--src):'
+           if sources.needs_source_folder(source) else
+           'Layout (no source folder is needed):']
+  for layout, what in source.LAYOUTS.items():
+    lines.append(_wrapped(f'- {layout}: {what}', '  ', '    '))
+  lines += ['', _wrapped(
+      'Build options (--option KEY=VALUE; --val-cases N and --seed N set '
+      'val_cases and seed), with their defaults; an option that the layout '
+      'found does not use is refused:')]
+  defaults = sources.resolve_options(source, {})
+  for option, description in sources.option_descriptions(source).items():
+    lines.append(_wrapped(f'{option} = {defaults[option]!r}', '  ', '      '))
+    lines.append(_wrapped(description, '      ', '      '))
+  return '\n'.join(lines)
+
+
+def _wrapped(text: str, indent: str = '', more_indent: str = '') -> str:
+  """`text` in lines of at most 79 characters, broken only at spaces."""
+  return textwrap.fill(text, width=79, initial_indent=indent,
+                       subsequent_indent=more_indent, break_long_words=False,
+                       break_on_hyphens=False)
+
+
+def _argument_parser(name: str | None, add_help: bool = True
+                     ) -> argparse.ArgumentParser:
+  """The CLI's parser; its help describes data set `name` if given."""
+  val_cases_help = ('the val_cases option: validation {} held out of '
+                    'training; 0 builds no validation split')
+  if name is None:
+    val_cases_help = val_cases_help.format('cases (images for 2D data sets)')
+    epilog = _wrapped(
+        '`python -m data_prep.build NAME --help` lists the layouts and build '
+        'options of data set NAME.')
+  else:
+    source = sources.load_source(builders.builder_class(name).SOURCE)
+    val_cases_help = (
+        val_cases_help.format('cases' if source.IS_VOLUMETRIC else 'images')
+        if 'val_cases' in sources.option_defaults(source) else
+        f'the val_cases option, which {name} does not take')
+    epilog = dataset_help(name)
   parser = cli.ArgumentParser(
       prog='python -m data_prep.build',
-      description=__doc__.split('\n\n', maxsplit=1)[0])
+      description=__doc__.split('\n\n', maxsplit=1)[0], epilog=epilog,
+      formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help)
   parser.add_argument('name', choices=sorted(builders.BUILDERS),
                       help='data set to build')
   parser.add_argument('--src', type=pathlib.Path,
@@ -191,15 +240,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--out', type=pathlib.Path, default=None,
                       help=f'TFDS data dir (default {default_data_dir()})')
   parser.add_argument('--val-cases', type=int, default=None,
-                      help='validation cases held out of training '
-                      '(sources that take a `val_cases` option); 0 builds no '
-                      'validation split')
+                      help=val_cases_help)
   parser.add_argument('--seed', type=int, default=None,
-                      help='seed of the source (e.g. of the validation split)')
+                      help='the seed option (e.g. of a validation draw)')
   parser.add_argument('--option', type=_parse_option, action='append',
                       default=[], metavar='KEY=VALUE',
-                      help='any other build option of the source (repeatable)')
-  return parser.parse_args(argv)
+                      help='any build option of the data set (repeatable)')
+  return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  try:
+    named = _argument_parser(None, add_help=False).parse_known_args(argv)[0]
+    name = named.name
+  except cli.UserError:
+    name = None  # The full parser says what is wrong, or prints the help.
+  return _argument_parser(name).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -16,6 +16,7 @@ import fixtures_sources
 from data_prep import build
 from data_prep import builders
 from data_prep import demo
+from data_prep import sources
 from data_prep.sources import acdc, synapse
 from selfreg_jax import cli
 from selfreg_jax import input_pipeline
@@ -346,6 +347,24 @@ def test_cli_builds_without_validation(name, tmp_path, capsys):
   metadata = _metadata(dataset_dir)
   assert metadata['splits'] == ['train', 'test']
   assert metadata['options'] == {'val_cases': 0}
+
+
+@pytest.mark.parametrize('name', sorted(builders.BUILDERS))
+def test_cli_help_lists_layouts_and_options(name, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    build.main([name, '--help'])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  flat = ' '.join(out.split())  # Undoes the wrapping.
+  source = sources.load_source(name)
+  for layout, what in source.LAYOUTS.items():
+    assert f'- {layout}: {what}' in flat
+  descriptions = sources.option_descriptions(source)
+  for option, default in sources.resolve_options(source, {}).items():
+    assert descriptions[option]
+    assert f'{option} = {default!r} {descriptions[option]}' in flat
+  if not source.IS_VOLUMETRIC:
+    assert 'slice' not in out.lower()
 
 
 def test_cli_glas_train_test_folders_and_refused_options(tmp_path, capsys):

@@ -17,7 +17,8 @@ synthetic demo) into 2D examples and describes them:
 with example = {'image': (H, W, IN_CHANNELS) IMAGE_DTYPE, 'label': (H, W)
 uint8 in [0, NUM_CLASSES), 'case_id': str, 'slice_index': int,
 'spacing': (3,) float32 (z, y, x) in mm}. Every option of `generate_examples`
-is keyword-only or has a default. `plan_build` gets the source
+is keyword-only or has a default, and is described in its docstring's Args
+(the build CLI's per-data-set help shows them). `plan_build` gets the source
 folder (None when none is needed) and every option (defaults included), and
 says which layout the folder holds, which splits the build writes and which
 options it leaves unused (`BuildPlan`).
@@ -30,6 +31,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import re
 import types
 from typing import Any, Mapping
 
@@ -48,6 +50,8 @@ _REQUIRED_ATTRIBUTES = ('NAME', 'NUM_CLASSES', 'IN_CHANNELS', 'IMAGE_DTYPE',
                         'generate_examples')
 # Parameters of `generate_examples` that are not build options.
 _NON_OPTIONS = 2  # src, split
+# An entry of a Google-style Args section: 'name: text' or 'a, b: text'.
+_ARG_ENTRY = re.compile(r'^  (\w+(?:, \w+)*): (.*)$')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +105,26 @@ def option_defaults(source: types.ModuleType) -> dict[str, Any]:
       name: p.default for name, p in list(parameters.items())[_NON_OPTIONS:]
       if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
   }
+
+
+def option_descriptions(source: types.ModuleType) -> dict[str, str]:
+  """Build option of `source` -> its description in the Args section of
+  `generate_examples`' docstring (continuation lines joined)."""
+  descriptions, names, in_args = {}, (), False
+  for line in (inspect.getdoc(source.generate_examples) or '').splitlines():
+    if not line.startswith(' '):
+      in_args = line == 'Args:'
+      continue
+    entry = _ARG_ENTRY.match(line)
+    if in_args and entry:
+      names = entry.group(1).split(', ')
+      for name in names:
+        descriptions[name] = entry.group(2)
+    elif in_args and line.startswith('    '):
+      for name in names:
+        descriptions[name] += ' ' + line.strip()
+  defaults = option_defaults(source)
+  return {name: descriptions.get(name, '') for name in defaults}
 
 
 def resolve_options(source: types.ModuleType,
