@@ -10,8 +10,9 @@ release's own ids). Two layouts are read:
   without it, from the `_gt` files present. A case is patient + frame, e.g.
   'patient001_frame01'. Each frame volume is min-max normalised on its own to
   [0, 1]: the recipe of the npz copy's intensities is not published (its
-  authors sent their script by e-mail, MT-UNet issue #29), so this is our
-  choice, and raw-built and copy-built images may differ in scale. Volumes are
+  authors sent their script by e-mail or a private link, MT-UNet issues #29
+  and #46, where a user finds values in [-1, 1]), so this is our choice,
+  and raw-built and copy-built images may differ in scale. Volumes are
   transposed from NIfTI (x, y, z) to (z, y, x) without flips (slice k is the
   k-th short-axis slice, indexed [y, x]); spacing is the header's voxel size
   as (z, y, x) mm.
@@ -30,12 +31,13 @@ github.com/sotiraslab/AgileFormer (`lists/lists_ACDC/`, commit 9c00ee5; one
 file per slice or volume, e.g. `case_019_sliceED_0.npz`, reduced here to
 patient ids); the 20 test patients also match `lists/lists_ACDC/test_vol.txt`
 of github.com/linbowang/PESpectralMedSeg, whose `train_npz.txt` covers the
-other 80. The raw release holds all 100 patients; the npz copy keeps its test
-patients in `test/`. Validation is held out of the other (non-test) patients:
-by default the 10 reference validation patients, so a copy-built set has the
-copy's own train/valid folders' patients. `val_cases` may instead name other
-patients or a count drawn by a seeded shuffle; 0 builds no validation split
-(the 80 patients train). The raw release may also be split by a seeded
+other 80 (github.com/ChongQingNoSubway/SelfReg-UNet and MT-UNet ship no
+ACDC list files). The raw release holds all 100 patients; the npz copy keeps
+its test patients in `test/`. Validation is held out of the other (non-test)
+patients: by default the 10 reference validation patients, so a copy-built set
+has the copy's own train/valid folders' patients. `val_cases` may instead name
+other patients or a count drawn by a seeded shuffle; 0 builds no validation
+split (the 80 patients train). The raw release may also be split by a seeded
 shuffle of the patients present (`patient_split='seeded'`, 70/10/20 by
 default, with `testing/` optionally included).
 """
