@@ -90,7 +90,8 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   SOURCE: ClassVar[str]
   VERSION = tfds.core.Version(DATASET_VERSION)
   RELEASE_NOTES = {
-      DATASET_VERSION: 'Native-resolution 2D slices in ArrayRecord.'}
+      DATASET_VERSION: 'Native-resolution 2D examples (slices of volumes, '
+                       'or images) in ArrayRecord.'}
 
   def __init__(self, *, src: pathlib.Path | None = None,
                options: Mapping[str, Any] | None = None, **kwargs):
