@@ -5,9 +5,15 @@
   python -m data_prep.build monuseg --src ~/data/MoNuSeg --out /data/tfds
   python -m data_prep.build glas --src ~/data/GlaS --option seed=1
 
+`python -m data_prep.build NAME --help` lists the layouts of the source folder
+that data set accepts and its build options with their defaults. An option
+that the layout found does not use is refused; `--val-cases 0` builds no
+validation split.
+
 The result lands in `DATA_DIR/selfreg_NAME/VERSION/` (DATA_DIR defaults to
 $TFDS_DATA_DIR or ~/tensorflow_datasets). Building is idempotent: a data set
-that is already built with the same options is left as it is. TFDS writes
+that is already built from the same layout with the same options is left as
+it is. TFDS writes
 into an `incomplete.*` folder and renames it when done, so an interrupted
 build leaves nothing that reads as a data set; the next build removes such
 leftovers. A build that fails removes the folders it created (DATA_DIR,
@@ -24,6 +30,8 @@ import pathlib
 import shutil
 import sys
 import tempfile
+import textwrap
+import types
 from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
@@ -82,14 +90,21 @@ def remove_incomplete_builds(dataset_dir: pathlib.Path) -> list[pathlib.Path]:
   return leftovers
 
 
-def _recorded_options(dataset_dir: pathlib.Path) -> dict[str, Any]:
+def _recorded_build(dataset_dir: pathlib.Path) -> dict[str, Any]:
+  """{'layout': ..., 'options': ...} as recorded in a built data set."""
   metadata_file = dataset_dir / 'metadata.json'
   try:
-    return json.loads(metadata_file.read_text())['options']
+    metadata = json.loads(metadata_file.read_text())
+    return {'layout': metadata.get('layout'), 'options': metadata['options']}
   except (OSError, ValueError, KeyError) as e:
     raise ValueError(
         f'{metadata_file}: cannot read the build options of this data set '
         f'({e}); delete {dataset_dir} and rebuild.') from e
+
+
+def _record_name(source: types.ModuleType) -> str:
+  """What a record of `source` is to its user: 'slices' or 'images'."""
+  return 'slices' if source.IS_VOLUMETRIC else 'images'
 
 
 def build_dataset(name: str,
@@ -109,36 +124,41 @@ def build_dataset(name: str,
     The built data set's folder, `data_dir/selfreg_NAME/VERSION`.
 
   Raises:
-    ValueError: unknown name or option, the data set is already built with
+    ValueError: unknown name or option, an option the layout in `src` does
+      not use, the data set is already built from another layout or with
       other options, or a source file is bad (the message names it).
-    FileNotFoundError: the source folder is missing or empty, or a source file
-      is missing.
+    FileNotFoundError: the source folder is missing or empty or holds no
+      known layout, or a source file is missing.
   """
   builder_cls = builders.builder_class(name)
+  source = sources.load_source(builder_cls.SOURCE)
+  manual_dir = None
+  if sources.needs_source_folder(source):
+    manual_dir = pathlib.Path(src).expanduser() if src is not None else None
+    _check_source_folder(name, manual_dir,
+                         source.MANUAL_DOWNLOAD_INSTRUCTIONS)
+  elif src is not None:
+    print(f'{name!r} needs no source folder; ignoring {src}.')
   data_dir = pathlib.Path(data_dir or default_data_dir()).expanduser()
-  builder = builder_cls(data_dir=str(data_dir), options=options,
-                        file_format='array_record')
+  builder = builder_cls(data_dir=str(data_dir), src=manual_dir,
+                        options=options, file_format='array_record')
   dataset_dir = pathlib.Path(builder.data_dir)
+  build = {'layout': builder.plan.layout, 'options': builder.options}
   if (dataset_dir / 'dataset_info.json').exists():
-    recorded = _recorded_options(dataset_dir)
-    if recorded != builder.options:
+    recorded = _recorded_build(dataset_dir)
+    if recorded != build:
       raise ValueError(
-          f'{dataset_dir}: already built with options {recorded}, not '
-          f'{builder.options}. Delete it or choose another data dir (--out).')
+          f'{dataset_dir}: already built from layout {recorded["layout"]!r} '
+          f'with options {recorded["options"]}, not from {build["layout"]!r} '
+          f'with {build["options"]}. Delete it or choose another data dir '
+          '(--out).')
     print(f'{builder.name} is already built at {dataset_dir}.')
     return dataset_dir
 
-  manual_dir = None
-  if sources.needs_source_folder(builder.source):
-    manual_dir = pathlib.Path(src).expanduser() if src is not None else None
-    _check_source_folder(name, manual_dir,
-                         builder.source.MANUAL_DOWNLOAD_INSTRUCTIONS)
-  elif src is not None:
-    print(f'{name!r} needs no source folder; ignoring {src}.')
   for leftover in remove_incomplete_builds(dataset_dir):
     print(f'Removed the leftover of an interrupted build: {leftover}')
-  print(f'Building {builder.name} (options {builder.options}) '
-        f'into {dataset_dir} ...')
+  print(f'Building {builder.name} (layout: {builder.plan.layout}; options '
+        f'{builder.options}) into {dataset_dir} ...')
   with (tempfile.TemporaryDirectory(prefix='selfreg_downloads_') as downloads,
         _removed_on_failure([data_dir, dataset_dir.parent])):
     builder.download_and_prepare(
@@ -146,7 +166,10 @@ def build_dataset(name: str,
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   counts = ', '.join(f'{split} {info.num_examples}'
                      for split, info in builder.info.splits.items())
-  print(f'Built {builder.name}: {counts} slices at {dataset_dir}.')
+  no_validation = ('' if 'validation' in builder.info.splits else
+                   ' (no validation split)')
+  print(f'Built {builder.name}: {counts} {_record_name(source)}{no_validation} '
+        f'at {dataset_dir}.')
   return dataset_dir
 
 
@@ -160,10 +183,56 @@ def _parse_option(text: str) -> tuple[str, Any]:
     return key, value  # A bare string.
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def dataset_help(name: str) -> str:
+  """What `python -m data_prep.build NAME --help` adds: the data set's
+  accepted layouts and its build options with their defaults."""
+  source = sources.load_source(builders.builder_class(name).SOURCE)
+  summary = (source.__doc__ or source.NAME).strip().splitlines()[0]
+  lines = [f'{name}: {summary}', '',
+           'Accepted layouts of the source folder (--src):'
+           if sources.needs_source_folder(source) else
+           'Layout (no source folder is needed):']
+  for layout, what in source.LAYOUTS.items():
+    lines.append(_wrapped(f'- {layout}: {what}', '  ', '    '))
+  lines += ['', _wrapped(
+      'Build options (--option KEY=VALUE; --val-cases N and --seed N set '
+      'val_cases and seed), with their defaults; an option that the layout '
+      'found does not use is refused:')]
+  defaults = sources.resolve_options(source, {})
+  for option, description in sources.option_descriptions(source).items():
+    lines.append(_wrapped(f'{option} = {defaults[option]!r}', '  ', '      '))
+    lines.append(_wrapped(description, '      ', '      '))
+  return '\n'.join(lines)
+
+
+def _wrapped(text: str, indent: str = '', more_indent: str = '') -> str:
+  """`text` in lines of at most 79 characters, broken only at spaces."""
+  return textwrap.fill(text, width=79, initial_indent=indent,
+                       subsequent_indent=more_indent, break_long_words=False,
+                       break_on_hyphens=False)
+
+
+def _argument_parser(name: str | None, add_help: bool = True
+                     ) -> argparse.ArgumentParser:
+  """The CLI's parser; its help describes data set `name` if given."""
+  val_cases_help = ('the val_cases option: validation {} held out of '
+                    'training; 0 builds no validation split')
+  if name is None:
+    val_cases_help = val_cases_help.format('cases (images for 2D data sets)')
+    epilog = _wrapped(
+        '`python -m data_prep.build NAME --help` lists the layouts and build '
+        'options of data set NAME.')
+  else:
+    source = sources.load_source(builders.builder_class(name).SOURCE)
+    val_cases_help = (
+        val_cases_help.format('cases' if source.IS_VOLUMETRIC else 'images')
+        if 'val_cases' in sources.option_defaults(source) else
+        f'the val_cases option, which {name} does not take')
+    epilog = dataset_help(name)
   parser = cli.ArgumentParser(
       prog='python -m data_prep.build',
-      description=__doc__.split('\n\n', maxsplit=1)[0])
+      description=__doc__.split('\n\n', maxsplit=1)[0], epilog=epilog,
+      formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help)
   parser.add_argument('name', choices=sorted(builders.BUILDERS),
                       help='data set to build')
   parser.add_argument('--src', type=pathlib.Path,
@@ -171,14 +240,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--out', type=pathlib.Path, default=None,
                       help=f'TFDS data dir (default {default_data_dir()})')
   parser.add_argument('--val-cases', type=int, default=None,
-                      help='validation cases held out of training '
-                      '(sources that take a `val_cases` option)')
+                      help=val_cases_help)
   parser.add_argument('--seed', type=int, default=None,
-                      help='seed of the source (e.g. of the validation split)')
+                      help='the seed option (e.g. of a validation draw)')
   parser.add_argument('--option', type=_parse_option, action='append',
                       default=[], metavar='KEY=VALUE',
-                      help='any other build option of the source (repeatable)')
-  return parser.parse_args(argv)
+                      help='any build option of the data set (repeatable)')
+  return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  try:
+    named = _argument_parser(None, add_help=False).parse_known_args(argv)[0]
+    name = named.name
+  except cli.UserError:
+    name = None  # The full parser says what is wrong, or prints the help.
+  return _argument_parser(name).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

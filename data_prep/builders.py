@@ -16,8 +16,12 @@ split stored in generation order, i.e. slice by slice, case by case):
   spacing      Tensor (3,) float32, (z, y, x) in mm; (1, 1, 1) if unknown
 
 The dataset metadata (`metadata.json`) records the source name, the number
-of classes and channels, whether cases are volumes, and every build option
-(defaults included), so a built data set says how it was made.
+of classes and channels, whether cases are volumes, the layout of the source
+folder, the splits written, and every build option the build applied
+(defaults included; options the layout does not use are refused when given
+and not recorded), so a built data set says how it was made. A build that
+holds nothing out for validation (e.g. val_cases=0) writes no 'validation'
+split: `builder.info.splits` lacks it and metadata.json's `splits` says so.
 
 Writing needs no TensorFlow: TFDS serialises `Tensor`/`Text` features and
 writes ArrayRecord with NumPy and protobuf only.
@@ -76,17 +80,26 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   Build options are the keyword options of the source's `generate_examples`;
   the manual download folder (TFDS's `manual_dir`) is the source folder.
+
+  Attributes:
+    source: the source module.
+    plan: its `sources.BuildPlan` for the source folder and options.
+    options: the options the build applies (given or default).
   """
 
   SOURCE: ClassVar[str]
   VERSION = tfds.core.Version(DATASET_VERSION)
   RELEASE_NOTES = {
-      DATASET_VERSION: 'Native-resolution 2D slices in ArrayRecord.'}
+      DATASET_VERSION: 'Native-resolution 2D examples (slices of volumes, '
+                       'or images) in ArrayRecord.'}
 
-  def __init__(self, *, options: Mapping[str, Any] | None = None, **kwargs):
-    """Args: options: build options of the source; kwargs: TFDS's."""
+  def __init__(self, *, src: pathlib.Path | None = None,
+               options: Mapping[str, Any] | None = None, **kwargs):
+    """Args: src: the source folder (checked to exist; None when the source
+    needs none); options: the build options given; kwargs: TFDS's."""
     self.source = sources.load_source(self.SOURCE)
-    self.options = sources.resolve_options(self.source, options or {})
+    self.plan, self.options = sources.plan_build(self.source, src,
+                                                 options or {})
     self.MANUAL_DOWNLOAD_INSTRUCTIONS = (  # pylint: disable=invalid-name
         self.source.MANUAL_DOWNLOAD_INSTRUCTIONS or None)
     super().__init__(**kwargs)
@@ -101,6 +114,8 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             num_classes=self.source.NUM_CLASSES,
             in_channels=self.source.IN_CHANNELS,
             is_volumetric=self.source.IS_VOLUMETRIC,
+            layout=self.plan.layout,
+            splits=list(self.plan.splits),
             options=self.options),
         disable_shuffling=True,
     )
@@ -110,7 +125,7 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if sources.needs_source_folder(self.source):
       src = pathlib.Path(dl_manager.manual_dir)
     return {split: self._generate_examples(src, split)
-            for split in self.source.SPLITS}
+            for split in self.plan.splits}
 
   def _generate_examples(self, src: pathlib.Path | None,
                          split: str) -> Iterator[tuple[str, dict]]:

@@ -12,10 +12,12 @@ Follows the source contract of `data_prep.sources`; no source folder needed.
 """
 
 import math
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from scipy import ndimage
+
+from data_prep import sources
 
 NAME = 'demo'
 CLASS_NAMES = ('background', 'liver', 'left_kidney', 'right_kidney', 'spleen')
@@ -24,6 +26,8 @@ IN_CHANNELS = 1
 IMAGE_DTYPE = np.float32
 IS_VOLUMETRIC = True
 SPLITS = ('train', 'validation', 'test')
+SYNTHETIC = 'synthetic'
+LAYOUTS = {SYNTHETIC: 'no source folder: the phantoms are drawn from the seed'}
 MANUAL_DOWNLOAD_INSTRUCTIONS = ''
 
 # Organ templates in body coordinates (each axis spans [-1, 1]; y grows towards
@@ -114,6 +118,13 @@ def make_phantom(
   return np.clip(image, 0, 1).astype(np.float32), label
 
 
+def plan_build(src: None, options: Mapping[str, Any]) -> sources.BuildPlan:
+  """Every option applies; num_validation_cases=0 builds no validation split."""
+  del src  # The data are synthetic.
+  return sources.BuildPlan(SYNTHETIC, sources.splits_with(
+      validation=options['num_validation_cases'] > 0))
+
+
 def generate_examples(
     src=None,
     split: str = 'train',
@@ -132,7 +143,8 @@ def generate_examples(
   Args:
     src: unused (the data are synthetic); accepted for the source contract.
     split: one of SPLITS.
-    num_train_cases, num_validation_cases, num_test_cases: cases per split.
+    num_train_cases, num_validation_cases, num_test_cases: cases per split
+      (num_validation_cases=0 builds no validation split).
     min_slices, max_slices: range of the number of slices of a case.
     min_size, max_size: range of the height and of the width (drawn
       separately, so slices need not be square).

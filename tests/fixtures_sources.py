@@ -24,6 +24,10 @@ TEST_VOLUME_DEPTH = 3
 # ACDC: patients written (70/10/20 -> 7/1/2) and the ED/ES frames.
 ACDC_PATIENTS = 10
 ACDC_FRAMES = (1, 7)
+# The raw release's training part holds patients 001-100; a copy of all of
+# them has smaller volumes.
+ACDC_RELEASE_PATIENTS = 100
+ACDC_RELEASE_SHAPE_XYZ = (6, 5, 2)
 # Histology pictures: (H, W) per picture index, varying as in GlaS.
 PICTURE_SIZES = ((24, 32), (28, 20), (20, 20))
 MONUSEG_HW = (40, 48)
@@ -123,7 +127,8 @@ def write_transunet_copy(root: pathlib.Path, train_cases: Sequence[str],
 
 def write_acdc_raw(root: pathlib.Path, num_patients: int = ACDC_PATIENTS,
                    with_info: bool = True, part: str = 'training',
-                   first_patient: int = 1, seed: int = 0
+                   first_patient: int = 1, seed: int = 0,
+                   shape_xyz=VOLUME_SHAPE_XYZ
                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """<part>/patientXXX/ frames + _gt (+ Info.cfg); case -> (MRI, gt)."""
   rng = np.random.default_rng(seed)
@@ -138,13 +143,13 @@ def write_acdc_raw(root: pathlib.Path, num_patients: int = ACDC_PATIENTS,
           f'Height: 180.0\nNbFrame: 10\nWeight: 70.0\n')
     for frame in ACDC_FRAMES:
       stem = f'{patient}_frame{frame:02d}'
-      mri = rng.integers(3, 900, size=VOLUME_SHAPE_XYZ).astype(np.int16)
-      gt = rng.integers(0, 4, size=VOLUME_SHAPE_XYZ).astype(np.uint8)
+      mri = rng.integers(3, 900, size=shape_xyz).astype(np.int16)
+      gt = rng.integers(0, 4, size=shape_xyz).astype(np.uint8)
       write_nifti(folder / f'{stem}.nii.gz', mri)
       write_nifti(folder / f'{stem}_gt.nii.gz', gt)
       written[stem] = (mri, gt)
     write_nifti(folder / f'{patient}_4d.nii.gz',
-                np.zeros((*VOLUME_SHAPE_XYZ, 2), np.int16))
+                np.zeros((*shape_xyz, 2), np.int16))
   return written
 
 
@@ -200,9 +205,11 @@ def write_glas_release(root: pathlib.Path, counts: dict[str, int],
 
 def write_split_folders(root: pathlib.Path, counts: dict[str, int],
                         image_suffix: str = '.png', mask_suffix: str = '.png',
-                        hw=None, seed: int = 0
+                        hw=None, seed: int = 0, instance_ids: bool = False
                         ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """`{Train,Val,Test}_Folder/{img,labelcol}`, masks {0,255}; stem -> pair."""
+  """`{Train,Val,Test}_Folder/{img,labelcol}` for the splits in `counts`;
+  masks {0,255}, or instance ids 1..3 if `instance_ids`; stem -> (image,
+  binary label)."""
   rng = np.random.default_rng(seed)
   folders = {'train': 'Train_Folder', 'validation': 'Val_Folder',
              'test': 'Test_Folder'}
@@ -211,11 +218,12 @@ def write_split_folders(root: pathlib.Path, counts: dict[str, int],
     for number in range(count):
       stem = f'{split}_image_{number}'
       size = hw or picture_hw(number)
-      image, mask = random_rgb(rng, size), instance_mask(rng, size) > 0
+      image, instances = random_rgb(rng, size), instance_mask(rng, size)
+      mask = instances if instance_ids else (instances > 0) * 255
       write_rgb(root / folders[split] / 'img' / f'{stem}{image_suffix}', image)
       write_gray(root / folders[split] / 'labelcol' / f'{stem}{mask_suffix}',
-                 mask * 255)
-      written[stem] = (image, mask.astype(np.uint8))
+                 mask)
+      written[stem] = (image, (instances > 0).astype(np.uint8))
   return written
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -15,6 +16,8 @@ import fixtures_sources
 from data_prep import build
 from data_prep import builders
 from data_prep import demo
+from data_prep import sources
+from data_prep.sources import acdc, synapse
 from selfreg_jax import cli
 from selfreg_jax import input_pipeline
 
@@ -82,6 +85,7 @@ def test_build_writes_array_record_with_metadata(tiny_demo):
   metadata = json.loads((tiny_demo / 'metadata.json').read_text())
   assert metadata == {'source': 'demo', 'num_classes': demo.NUM_CLASSES,
                       'in_channels': demo.IN_CHANNELS, 'is_volumetric': True,
+                      'layout': 'synthetic', 'splits': list(demo.SPLITS),
                       'options': TINY_OPTIONS}
 
 
@@ -116,7 +120,7 @@ def test_build_is_idempotent_and_guards_options(tiny_demo, capsys):
                              **TINY_OPTIONS) == tiny_demo
   assert 'already built' in capsys.readouterr().out
   assert {p: p.stat().st_mtime_ns for p in tiny_demo.iterdir()} == stamps
-  with pytest.raises(ValueError, match='already built with options'):
+  with pytest.raises(ValueError, match='already built from layout'):
     build.build_dataset('demo', data_dir=tiny_demo.parents[1],
                         **{**TINY_OPTIONS, 'seed': 4})
 
@@ -266,10 +270,10 @@ def test_failed_build_removes_only_the_folders_it_created(tmp_path):
   other = data_dir / 'other_dataset' / 'kept.txt'
   other.parent.mkdir(parents=True)
   other.write_text('not ours')
-  no_validation = {**TINY_OPTIONS, 'num_validation_cases': 0}
+  no_test = {**TINY_OPTIONS, 'num_test_cases': 0}
   with pytest.raises(ValueError,
-                     match="'validation' split of demo holds no examples"):
-    build.build_dataset('demo', data_dir=data_dir, **no_validation)
+                     match="'test' split of demo holds no examples"):
+    build.build_dataset('demo', data_dir=data_dir, **no_test)
   assert sorted(p.name for p in data_dir.iterdir()) == ['other_dataset']
   assert other.read_text() == 'not ours'
   # A data set folder that was there before stays, with what it held.
@@ -277,6 +281,152 @@ def test_failed_build_removes_only_the_folders_it_created(tmp_path):
   older.parent.mkdir(parents=True)
   older.write_text('an older version')
   with pytest.raises(ValueError, match='holds no examples'):
-    build.build_dataset('demo', data_dir=data_dir, **no_validation)
+    build.build_dataset('demo', data_dir=data_dir, **no_test)
   assert [p.name for p in (data_dir / DATASET_NAME).iterdir()] == ['0.9.0']
   assert older.read_text() == 'an older version'
+
+
+def _metadata(dataset_dir: pathlib.Path) -> dict:
+  return json.loads((dataset_dir / 'metadata.json').read_text())
+
+
+def test_build_without_validation_has_no_validation_split(tmp_path, capsys):
+  options = {**TINY_OPTIONS, 'num_validation_cases': 0}
+  dataset_dir = build.build_dataset('demo', data_dir=tmp_path, **options)
+  counts = {split: len(list(demo.generate_examples(None, split, **options)))
+            for split in ('train', 'test')}
+  assert (f'Built {DATASET_NAME}: train {counts["train"]}, test '
+          f'{counts["test"]} slices (no validation split) at {dataset_dir}.'
+          in capsys.readouterr().out)
+  builder = tfds.builder_from_directory(str(dataset_dir))
+  assert sorted(builder.info.splits) == ['test', 'train']
+  assert _metadata(dataset_dir)['splits'] == ['train', 'test']
+  config = ml_collections.ConfigDict(
+      {'dataset': {'name': DATASET_NAME, 'data_dir': str(tmp_path)}})
+  with pytest.raises(cli.UserError) as info:
+    next(input_pipeline.iterate_cases(config, 'validation'))
+  assert str(info.value) == (f"{dataset_dir}: no split 'validation'; "
+                             "available: ['test', 'train'].")
+
+
+# Data set -> (writer of a tiny source folder, training and test records of
+# a build without validation, what a record is).
+ZERO_VALIDATION_SOURCES = {
+    'synapse': (lambda src: fixtures_sources.write_transunet_copy(
+        src, synapse.TRAIN_CASES, synapse.TEST_CASES),
+                len(synapse.TRAIN_CASES) * fixtures_sources.SLICES_PER_CASE,
+                len(synapse.TEST_CASES) * fixtures_sources.TEST_VOLUME_DEPTH,
+                'slices'),
+    'acdc': (lambda src: fixtures_sources.write_acdc_npz(
+        src, {'train': (1, 3), 'validation': (4,), 'test': (2,)}),
+             3 * 2, 2 * fixtures_sources.TEST_VOLUME_DEPTH, 'slices'),
+    'glas': (lambda src: fixtures_sources.write_split_folders(
+        src, {'train': 3, 'test': 1}, instance_ids=True), 3, 1, 'images'),
+    'monuseg': (lambda src: fixtures_sources.write_monuseg_release(
+        src, ['TCGA-TRAIN-0', 'TCGA-TRAIN-1'], ['TCGA-TEST-0']),
+                2, 1, 'images'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(ZERO_VALIDATION_SOURCES))
+def test_cli_builds_without_validation(name, tmp_path, capsys):
+  write, num_train, num_test, unit = ZERO_VALIDATION_SOURCES[name]
+  src, data_dir = tmp_path / 'downloaded', tmp_path / 'tfds'
+  write(src)
+  build.main([name, '--src', str(src), '--out', str(data_dir),
+              '--val-cases', '0'])
+  dataset_dir = data_dir / f'selfreg_{name}' / '1.0.0'
+  ours = [line for line in capsys.readouterr().out.splitlines()
+          if line.startswith('Buil')]
+  assert ours[-1] == (f'Built selfreg_{name}: train {num_train}, test '
+                      f'{num_test} {unit} (no validation split) at '
+                      f'{dataset_dir}.')
+  assert unit == 'slices' or not any('slice' in line for line in ours)
+  builder = tfds.builder_from_directory(str(dataset_dir))
+  assert sorted(builder.info.splits) == ['test', 'train']
+  metadata = _metadata(dataset_dir)
+  assert metadata['splits'] == ['train', 'test']
+  assert metadata['options'] == {'val_cases': 0}
+
+
+@pytest.mark.parametrize('name', sorted(builders.BUILDERS))
+def test_cli_help_lists_layouts_and_options(name, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    build.main([name, '--help'])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  flat = ' '.join(out.split())  # Undoes the wrapping.
+  source = sources.load_source(name)
+  for layout, what in source.LAYOUTS.items():
+    assert f'- {layout}: {what}' in flat
+  descriptions = sources.option_descriptions(source)
+  for option, default in sources.resolve_options(source, {}).items():
+    assert descriptions[option]
+    assert f'{option} = {default!r} {descriptions[option]}' in flat
+  if not source.IS_VOLUMETRIC:
+    assert 'slice' not in out.lower()
+
+
+def test_cli_glas_train_test_folders_and_refused_options(tmp_path, capsys):
+  train_test, split_folders = tmp_path / 'GlaS', tmp_path / 'GlaS_uctransnet'
+  data_dir = tmp_path / 'tfds'
+  fixtures_sources.write_split_folders(train_test, {'train': 4, 'test': 1},
+                                       instance_ids=True)
+  build.main(['glas', '--src', str(train_test), '--out', str(data_dir),
+              '--val-cases', '1', '--seed', '2'])
+  dataset_dir = data_dir / 'selfreg_glas' / '1.0.0'
+  assert (f'Built selfreg_glas: train 3, validation 1, test 1 images at '
+          f'{dataset_dir}.' in capsys.readouterr().out)
+  metadata = _metadata(dataset_dir)
+  assert metadata['layout'] == 'train/test folders'
+  assert metadata['options'] == {'val_cases': 1, 'seed': 2}
+
+  fixtures_sources.write_split_folders(
+      split_folders, {'train': 2, 'validation': 1, 'test': 1})
+  error, _ = _cli_error(['glas', '--src', str(split_folders), '--out',
+                         str(data_dir), '--val-cases', '1'], capsys)
+  assert error == (
+      f"{split_folders}: build option 'val_cases' does not apply to this glas "
+      'build (layout: split folders): the validation images are those of '
+      'Val_Folder/ (without that folder they are held out of Train_Folder/).')
+  error, _ = _cli_error(['glas', '--src', str(split_folders), '--out',
+                         str(data_dir)], capsys)
+  assert error == (
+      f"{dataset_dir}: already built from layout 'train/test folders' with "
+      "options {'val_cases': 1, 'seed': 2}, not from 'split folders' with {}. "
+      'Delete it or choose another data dir (--out).')
+
+
+@pytest.fixture(scope='module')
+def acdc_release_and_copy(tmp_path_factory) -> pathlib.Path:
+  """The raw release's 100 training patients, and the npz copy laid out by
+  the reference lists, under ROOT/raw and ROOT/copy."""
+  root = tmp_path_factory.mktemp('acdc_sources')
+  fixtures_sources.write_acdc_raw(
+      root / 'raw', num_patients=fixtures_sources.ACDC_RELEASE_PATIENTS,
+      shape_xyz=fixtures_sources.ACDC_RELEASE_SHAPE_XYZ)
+  fixtures_sources.write_acdc_npz(root / 'copy', {
+      split: [int(p.removeprefix('patient')) for p in patients]
+      for split, patients in acdc.REFERENCE_PATIENTS.items()})
+  return root
+
+
+def _patients_by_split(dataset_dir: pathlib.Path) -> dict[str, set[str]]:
+  builder = tfds.builder_from_directory(str(dataset_dir))
+  return {split: {record['case_id'].decode().split('_')[0]
+                  for record in _split_records(dataset_dir, split)}
+          for split in builder.info.splits}
+
+
+def test_acdc_raw_and_copy_builds_give_the_same_split(acdc_release_and_copy,
+                                                     tmp_path):
+  patients = {
+      layout: _patients_by_split(build.build_dataset(
+          'acdc', acdc_release_and_copy / layout, tmp_path / layout))
+      for layout in ('raw', 'copy')}
+  assert patients['raw'] == patients['copy']
+  assert {split: len(p) for split, p in patients['raw'].items()} == {
+      'train': 70, 'validation': 10, 'test': 20}
+  # First and last entries of lists_ACDC/{valid,test}.txt.
+  assert {'patient019', 'patient080'} <= patients['raw']['validation']
+  assert {'patient002', 'patient095'} <= patients['raw']['test']

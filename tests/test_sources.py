@@ -275,6 +275,8 @@ def test_synapse_raw_missing_case(small_btcv):
 # ACDC.
 
 ACDC_FRACTIONS = (0.7, 0.1, 0.2)
+ACDC_PATIENTS = [f'patient{n:03d}' for n in range(1, 101)]
+SEEDED = {'patient_split': 'seeded'}
 
 
 @pytest.fixture(scope='module')
@@ -283,23 +285,52 @@ def acdc_raw(tmp_path_factory):
   return root, fx.write_acdc_raw(root)
 
 
-def test_acdc_patient_splits_are_seeded_and_disjoint():
-  patients = [f'patient{n:03d}' for n in range(1, 101)]
-  splits = acdc.patient_splits(patients)
+def test_acdc_seeded_patient_splits_are_seeded_and_disjoint():
+  splits = acdc.seeded_patient_splits(ACDC_PATIENTS)
   assert [len(splits[s]) for s in acdc.SPLITS] == [
-      round(f * len(patients)) for f in ACDC_FRACTIONS]
-  assert set().union(*splits.values()) == set(patients)
-  assert acdc.patient_splits(patients[::-1]) == splits
-  assert acdc.patient_splits(patients, seed=1) != splits
+      round(f * len(ACDC_PATIENTS)) for f in ACDC_FRACTIONS]
+  assert set().union(*splits.values()) == set(ACDC_PATIENTS)
+  assert acdc.seeded_patient_splits(ACDC_PATIENTS[::-1]) == splits
+  assert acdc.seeded_patient_splits(ACDC_PATIENTS, seed=1) != splits
   with pytest.raises(ValueError, match='summing to 1'):
-    acdc.patient_splits(patients, (0.5, 0.1, 0.1))
+    acdc.seeded_patient_splits(ACDC_PATIENTS, (0.5, 0.1, 0.1))
+
+
+def test_acdc_reference_patients_are_the_copy_lists():
+  reference = acdc.REFERENCE_PATIENTS
+  # 70/10/20 of the 100 training patients (docs/design.md), disjoint.
+  assert [len(reference[s]) for s in acdc.SPLITS] == [70, 10, 20]
+  assert sorted(sum(reference.values(), ())) == ACDC_PATIENTS
+  # First and last entries of lists_ACDC/{train,valid,test}.txt.
+  assert reference['train'][::69] == ('patient001', 'patient100')
+  assert reference['validation'][::9] == ('patient019', 'patient080')
+  assert reference['test'][::19] == ('patient002', 'patient095')
+  present = ACDC_PATIENTS[::-1]  # In any order.
+  assert acdc.reference_patient_splits(
+      pathlib.Path('ACDC'), present, reference['validation'], seed=0) == {
+          split: tuple(sorted(reference[split])) for split in acdc.SPLITS}
+  no_validation = acdc.reference_patient_splits(pathlib.Path('ACDC'), present,
+                                                0, seed=0)
+  assert no_validation == {
+      'train': tuple(sorted(reference['train'] + reference['validation'])),
+      'validation': (), 'test': tuple(sorted(reference['test']))}
+
+
+def test_acdc_reference_split_needs_every_patient(acdc_raw):
+  src, _ = acdc_raw
+  message = raised(FileNotFoundError, acdc.generate_examples, src, 'test')
+  assert message == (
+      f'{src}: the reference patient split needs the 100 patients of '
+      f'training/, and 90 are missing (\'patient011\' .. \'patient100\'); '
+      'to split the patients present, build with --option '
+      'patient_split=seeded.')
 
 
 def test_acdc_raw_frames(acdc_raw):
   src, written = acdc_raw
   cases = {}
   for split in acdc.SPLITS:
-    for key, example in collect(acdc.generate_examples(src, split)):
+    for key, example in collect(acdc.generate_examples(src, split, **SEEDED)):
       check_contract(acdc, example)
       cases.setdefault(split, set()).add(example['case_id'])
       mri, gt = written[example['case_id']]
@@ -325,7 +356,7 @@ def test_acdc_raw_frames(acdc_raw):
 def test_acdc_raw_without_info_cfg_uses_file_names(tmp_path):
   written = fx.write_acdc_raw(tmp_path, num_patients=3, with_info=False)
   cases = {e['case_id'] for split in acdc.SPLITS
-           for _, e in acdc.generate_examples(tmp_path, split)}
+           for _, e in acdc.generate_examples(tmp_path, split, **SEEDED)}
   assert cases == set(written)
 
 
@@ -336,7 +367,8 @@ def test_acdc_raw_testing_folder_is_opt_in(tmp_path):
 
   def cases(**options):
     return {e['case_id'] for split in acdc.SPLITS
-            for _, e in acdc.generate_examples(tmp_path, split, **options)}
+            for _, e in acdc.generate_examples(tmp_path, split, **SEEDED,
+                                               **options)}
 
   assert cases() == set(training)
   assert cases(include_testing=True) == set(training) | set(testing)
@@ -347,7 +379,7 @@ def test_acdc_raw_errors_name_the_file(tmp_path):
   folder = tmp_path / 'training' / 'patient001'
 
   def message(kind):
-    return raised(kind, acdc.generate_examples, tmp_path, 'train',
+    return raised(kind, acdc.generate_examples, tmp_path, 'train', **SEEDED,
                   split_fractions=(1.0, 0.0, 0.0))
 
   gt = folder / 'patient001_frame01_gt.nii.gz'
@@ -370,7 +402,8 @@ def test_acdc_npz_copy(tmp_path):
   patients = {'train': (1, 3), 'validation': (4,), 'test': (2,)}
   written = fx.write_acdc_npz(tmp_path, patients)
   for split, numbers in patients.items():
-    pairs = collect(acdc.generate_examples(tmp_path, split))
+    pairs = collect(acdc.generate_examples(tmp_path, split,
+                                           val_cases=['patient004']))
     expected_cases = {f'patient{n:03d}_{phase}' for n in numbers
                       for phase in ('ED', 'ES')}
     assert {e['case_id'] for _, e in pairs} == expected_cases
@@ -391,7 +424,8 @@ def test_acdc_npz_copy(tmp_path):
 def test_acdc_npz_copy_without_lists_and_with_leaks(tmp_path):
   fx.write_acdc_npz(tmp_path, {'train': (1,), 'validation': (2,), 'test': (3,)},
                     with_lists=False)
-  assert len(collect(acdc.generate_examples(tmp_path, 'train'))) == 2
+  assert len(collect(acdc.generate_examples(tmp_path, 'train',
+                                            val_cases=['patient002']))) == 2
   leaky = tmp_path / 'leaky'
   fx.write_acdc_npz(leaky, {'train': (1, 2), 'test': (2,)}, with_lists=False)
   message = raised(ValueError, acdc.generate_examples, leaky, 'train')
@@ -399,6 +433,29 @@ def test_acdc_npz_copy_without_lists_and_with_leaks(tmp_path):
   (tmp_path / 'valid' / 'patient7.npz').write_bytes(b'')
   message = raised(ValueError, acdc.generate_examples, tmp_path, 'validation')
   assert 'patient7.npz' in message and 'unexpected file name' in message
+
+
+def test_acdc_npz_copy_holds_validation_out_of_train_and_valid(tmp_path):
+  fx.write_acdc_npz(tmp_path, {'train': (1, 3), 'validation': (4,),
+                               'test': (2,)})
+
+  def patients(split, **options):
+    return {e['case_id'].split('_')[0]
+            for _, e in acdc.generate_examples(tmp_path, split, **options)}
+
+  assert patients('train', val_cases=0) == {
+      'patient001', 'patient003', 'patient004'}
+  assert not patients('validation', val_cases=0)
+  assert patients('validation', val_cases=['patient001']) == {'patient001'}
+  assert patients('train', val_cases=['patient001']) == {
+      'patient003', 'patient004'}
+  drawn = patients('validation', val_cases=2, seed=5)
+  assert len(drawn) == 2 and drawn <= {'patient001', 'patient003',
+                                       'patient004'}
+  assert patients('test', val_cases=0) == {'patient002'}
+  # The default validation patients are the reference ones, absent here.
+  message = raised(ValueError, acdc.generate_examples, tmp_path, 'train')
+  assert message.startswith("ACDC validation patients: ['patient019', ")
 
 
 def test_acdc_npz_list_names_missing_file(tmp_path):
@@ -458,6 +515,160 @@ def test_glas_split_folders_with_anno_masks(tmp_path):
       np.testing.assert_array_equal(example['label'], written[key][1])
 
 
+def test_glas_train_test_folders_hold_validation_out_of_train(tmp_path):
+  written = fx.write_split_folders(tmp_path, {'train': 5, 'test': 2},
+                                   instance_ids=True)
+  train_stems = {f'train_image_{n}' for n in range(5)}
+
+  def stems(split, **options):
+    pairs = collect(glas.generate_examples(tmp_path, split, **options))
+    for key, example in pairs:
+      check_contract(glas, example)
+      np.testing.assert_array_equal(example['image'], written[key][0])
+      np.testing.assert_array_equal(example['label'], written[key][1])
+    return {key for key, _ in pairs}
+
+  drawn = stems('validation', val_cases=2, seed=1)
+  assert len(drawn) == 2 and drawn <= train_stems
+  assert stems('train', val_cases=2, seed=1) == train_stems - drawn
+  assert stems('validation', val_cases=2, seed=1) == drawn
+  assert stems('validation', val_cases=['train_image_3']) == {'train_image_3'}
+  assert stems('train', val_cases=0) == train_stems
+  assert not stems('validation', val_cases=0)
+  assert stems('test', val_cases=0) == {'test_image_0', 'test_image_1'}
+  assert raised(ValueError, glas.generate_examples, tmp_path, 'train',
+                val_cases=5) == ('GlaS validation images: cannot hold out 5 '
+                                 'of 5 candidates.')
+
+
+def write_patient_folders(root: pathlib.Path) -> None:
+  """training/patient001..100, empty: a plan looks at folder names only."""
+  for patient in ACDC_PATIENTS:
+    (root / 'training' / patient).mkdir(parents=True)
+
+
+@pytest.fixture
+def layout_folders(tmp_path):
+  """A function writing a tiny copy of a layout (by name below) and
+  returning its folder."""
+  def write(name):
+    src = tmp_path / name.replace('/', '_').replace(' ', '_')
+    writers = {
+        'synapse copy': lambda: fx.write_transunet_copy(
+            src, synapse.TRAIN_CASES[:2], synapse.TEST_CASES[:1]),
+        'acdc raw': lambda: write_patient_folders(src),
+        'acdc copy': lambda: fx.write_acdc_npz(src, {'train': (1,),
+                                                     'test': (2,)}),
+        'split folders': lambda: fx.write_split_folders(
+            src, {'train': 2, 'validation': 1, 'test': 1}),
+        'train/test folders': lambda: fx.write_split_folders(
+            src, {'train': 2, 'test': 1}),
+        'glas release': lambda: fx.write_glas_release(src, GLAS_COUNTS),
+        'monuseg release': lambda: fx.write_monuseg_release(
+            src, MONUSEG_TRAIN, MONUSEG_TEST),
+    }
+    writers[name]()
+    return src
+  return write
+
+
+ALL_SPLITS = ('train', 'validation', 'test')
+NO_VALIDATION = ('train', 'test')
+# (source, layout written, options given) -> (layout found, splits written,
+# options recorded): every option the layout applies, none that it does not.
+PLANS = [
+    (synapse, 'synapse copy', {}, (synapse.TRANSUNET, ALL_SPLITS,
+                                   {'val_cases': 2, 'seed': 0})),
+    (synapse, 'synapse copy', {'val_cases': 0},
+     (synapse.TRANSUNET, NO_VALIDATION, {'val_cases': 0})),
+    (synapse, 'synapse copy', {'val_cases': ['case0005']},
+     (synapse.TRANSUNET, ALL_SPLITS, {'val_cases': ['case0005']})),
+    (acdc, 'acdc raw', {}, (acdc.RAW, ALL_SPLITS, {
+        'val_cases': list(acdc.REFERENCE_PATIENTS['validation']),
+        'patient_split': 'reference'})),
+    (acdc, 'acdc raw', {'val_cases': 3, 'seed': 2}, (acdc.RAW, ALL_SPLITS, {
+        'val_cases': 3, 'seed': 2, 'patient_split': 'reference'})),
+    (acdc, 'acdc raw', {'patient_split': 'seeded'}, (acdc.RAW, ALL_SPLITS, {
+        'seed': 0, 'patient_split': 'seeded',
+        'split_fractions': [0.7, 0.1, 0.2], 'include_testing': False})),
+    (acdc, 'acdc raw', {'patient_split': 'seeded',
+                        'split_fractions': [0.5, 0.0, 0.5]},
+     (acdc.RAW, NO_VALIDATION, {
+         'seed': 0, 'patient_split': 'seeded',
+         'split_fractions': [0.5, 0.0, 0.5], 'include_testing': False})),
+    (acdc, 'acdc copy', {'val_cases': 0}, (acdc.NPZ, NO_VALIDATION,
+                                           {'val_cases': 0})),
+    (glas, 'glas release', {}, (glas.RELEASE, ALL_SPLITS, {
+        'val_cases': 17, 'seed': 0, 'test_parts': ['testA', 'testB']})),
+    (glas, 'glas release', {'val_cases': 0}, (glas.RELEASE, NO_VALIDATION, {
+        'val_cases': 0, 'test_parts': ['testA', 'testB']})),
+    (glas, 'split folders', {}, ('split folders', ALL_SPLITS, {})),
+    (glas, 'train/test folders', {}, ('train/test folders', ALL_SPLITS,
+                                      {'val_cases': 17, 'seed': 0})),
+    (glas, 'train/test folders', {'val_cases': 0},
+     ('train/test folders', NO_VALIDATION, {'val_cases': 0})),
+    (monuseg, 'monuseg release', {}, (monuseg.RELEASE, ALL_SPLITS, {
+        'val_cases': list(monuseg.UCTRANSNET_VAL_IMAGES)})),
+    (monuseg, 'monuseg release', {'val_cases': 2, 'seed': 1},
+     (monuseg.RELEASE, ALL_SPLITS, {'val_cases': 2, 'seed': 1})),
+    (monuseg, 'split folders', {}, ('split folders', ALL_SPLITS, {})),
+    (monuseg, 'train/test folders', {'val_cases': 0},
+     ('train/test folders', NO_VALIDATION, {'val_cases': 0})),
+]
+
+
+@pytest.mark.parametrize('module, layout, given, expected', PLANS,
+                         ids=lambda x: x.NAME if hasattr(x, 'NAME') else None)
+def test_plans_record_only_the_options_applied(module, layout, given,
+                                               expected, layout_folders):
+  plan, recorded = sources.plan_build(module, layout_folders(layout), given)
+  assert (plan.layout, plan.splits, recorded) == expected
+
+
+# (source, layout written, options given) -> the option refused and why.
+REFUSALS = [
+    (synapse, 'synapse copy', {'val_cases': 0, 'seed': 1},
+     "'seed' does not apply to this synapse build (layout: TransUNet copy): "
+     'it seeds a draw of a count of training cases, and val_cases is 0'),
+    (acdc, 'acdc raw', {'include_testing': True},
+     "'include_testing' does not apply to this acdc build (layout: raw "
+     'release): only patient_split=seeded (raw release) uses it'),
+    (acdc, 'acdc raw', {'patient_split': 'seeded', 'val_cases': 0},
+     "'val_cases' does not apply to this acdc build (layout: raw release): "
+     'patient_split=seeded takes the validation share from split_fractions'),
+    (acdc, 'acdc copy', {'patient_split': 'seeded', 'seed': 3},
+     "'patient_split', 'seed' do not apply to this acdc build (layout: npz "
+     "copy): patient_split: the npz copy's test patients are those of its "
+     'test/ folder; seed: it seeds a draw of a count of patients, and '
+     'val_cases names them'),
+    (glas, 'split folders', {'val_cases': 0},
+     "'val_cases' does not apply to this glas build (layout: split folders): "
+     'the validation images are those of Val_Folder/ (without that folder '
+     'they are held out of Train_Folder/)'),
+    (glas, 'train/test folders', {'test_parts': ['testA']},
+     "'test_parts' does not apply to this glas build (layout: train/test "
+     'folders): only the official release uses it'),
+    (monuseg, 'split folders', {'seed': 1},
+     "'seed' does not apply to this monuseg build (layout: split folders): "
+     'the validation images are those of Val_Folder/ (without that folder '
+     'they are held out of Train_Folder/)'),
+    (monuseg, 'monuseg release', {'seed': 1},
+     "'seed' does not apply to this monuseg build (layout: official "
+     'release): it seeds a draw of a count of training images, and val_cases '
+     'names them'),
+]
+
+
+@pytest.mark.parametrize('module, layout, given, refusal', REFUSALS,
+                         ids=lambda x: x.NAME if hasattr(x, 'NAME') else None)
+def test_plans_refuse_given_options_they_do_not_apply(module, layout, given,
+                                                      refusal, layout_folders):
+  src = layout_folders(layout)
+  with pytest.raises(ValueError) as info:
+    sources.plan_build(module, src, given)
+  assert str(info.value) == f'{src}: build option {refusal}.'
+
+
 def test_histology_bad_inputs_name_the_file(tmp_path):
   fx.write_split_folders(tmp_path, {'train': 2})
   image_folder = tmp_path / 'Train_Folder' / 'img'
@@ -468,11 +679,12 @@ def test_histology_bad_inputs_name_the_file(tmp_path):
   rgba = np.concatenate([fx.random_rgb(np.random.default_rng(1), hw),
                          np.full((*hw, 1), 255, np.uint8)], axis=-1)
   fx.write_rgb(image, rgba)
-  (_, example), _ = collect(glas.generate_examples(tmp_path, 'train'))
+  (_, example), _ = collect(glas.generate_examples(tmp_path, 'train',
+                                                   val_cases=0))
   np.testing.assert_array_equal(example['image'], rgba[..., :3])
 
   def message(kind):
-    return raised(kind, glas.generate_examples, tmp_path, 'train')
+    return raised(kind, glas.generate_examples, tmp_path, 'train', val_cases=0)
 
   fx.write_gray(image, np.zeros(hw, np.uint8))
   assert str(image) in message(ValueError)

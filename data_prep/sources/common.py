@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from data_prep import sources
 from selfreg_jax import torch_io
 
 Example = dict
@@ -36,6 +37,10 @@ SPLIT_FOLDERS = {
     'validation': 'Val_Folder',
     'test': 'Test_Folder',
 }
+# Layouts of histology copies: all three split folders, or Train and Test
+# only (validation then held out of Train_Folder).
+SPLIT_FOLDERS_LAYOUT = 'split folders'
+TRAIN_TEST_FOLDERS_LAYOUT = 'train/test folders'
 # Suffix some releases append to a mask's stem (GlaS: `train_1_anno.bmp`).
 MASK_STEM_SUFFIX = '_anno'
 
@@ -127,8 +132,27 @@ def hold_out(ids: Sequence[str], held: int | Sequence[str], seed: int,
   unknown = [i for i in chosen if i not in candidates]
   if unknown:
     raise ValueError(
-        f'{what}: {unknown} are not among the candidates {candidates}.')
+        f'{what}: {unknown} are not among the {len(candidates)} candidates '
+        f'{listed_ids(candidates)}.')
   return tuple(i for i in candidates if i not in chosen), chosen
+
+
+def listed_ids(ids: Sequence[str], most: int = 20) -> str:
+  """`ids` as a list, or its first and last ids when there are over `most`."""
+  if len(ids) <= most:
+    return str(list(ids))
+  return f'{ids[0]!r} .. {ids[-1]!r}'
+
+
+def unused_seed(held: int | Sequence[str], what: str) -> dict[str, str]:
+  """{'seed': why} unless `held` (as hold_out takes it) is a positive count,
+  which a seeded shuffle draws."""
+  counted = isinstance(held, (int, np.integer))
+  if counted and held > 0:
+    return {}
+  given = 'is 0' if counted else 'names them'
+  return {'seed': f'it seeds a draw of a count of {what}, and val_cases '
+                  f'{given}'}
 
 
 # ----------------------------------------------------------------------------
@@ -421,9 +445,50 @@ def pair_by_stem(images: Sequence[pathlib.Path], masks: Sequence[pathlib.Path],
   return [(image_table[s], mask_table[s]) for s in sorted(image_table)]
 
 
-def holds_split_folders(src: pathlib.Path) -> bool:
-  """Whether `src` holds any `{Train,Val,Test}_Folder/img` folder."""
-  return any((src / f / 'img').is_dir() for f in SPLIT_FOLDERS.values())
+def split_folders_layout(src: pathlib.Path) -> str | None:
+  """SPLIT_FOLDERS_LAYOUT when `src` holds `Val_Folder/` beside any
+  `{Train,Test}_Folder/img`, TRAIN_TEST_FOLDERS_LAYOUT without it, None when
+  it holds no such folder."""
+  if not any((src / f / 'img').is_dir() for f in SPLIT_FOLDERS.values()):
+    return None
+  if (src / SPLIT_FOLDERS['validation']).is_dir():
+    return SPLIT_FOLDERS_LAYOUT
+  return TRAIN_TEST_FOLDERS_LAYOUT
+
+
+def split_folders_plan(layout: str, held: int | Sequence[str], what: str,
+                       release_options: Sequence[str] = ()
+                       ) -> sources.BuildPlan:
+  """The plan of a build from SPLIT_FOLDERS_LAYOUT or TRAIN_TEST_FOLDERS_LAYOUT.
+
+  Args:
+    layout: one of the two.
+    held: the val_cases option (used by TRAIN_TEST_FOLDERS_LAYOUT only).
+    what: what val_cases holds out (e.g. 'training images').
+    release_options: options that only the official release uses.
+  """
+  unused = {name: 'only the official release uses it'
+            for name in release_options}
+  if layout == SPLIT_FOLDERS_LAYOUT:
+    reason = (f'the validation images are those of '
+              f'{SPLIT_FOLDERS["validation"]}/ (without that folder they are '
+              f'held out of {SPLIT_FOLDERS["train"]}/)')
+    return sources.BuildPlan(layout, sources.splits_with(validation=True), {
+        **unused, 'val_cases': reason, 'seed': reason})
+  return sources.BuildPlan(layout, sources.splits_with(validation=bool(held)),
+                           {**unused, **unused_seed(held, what)})
+
+
+def folder_layout_pairs(src: pathlib.Path, layout: str, split: str,
+                        held: int | Sequence[str], seed: int, what: str
+                        ) -> list[tuple[pathlib.Path, pathlib.Path]]:
+  """(image, mask) paths of `split` in SPLIT_FOLDERS_LAYOUT, or in
+  TRAIN_TEST_FOLDERS_LAYOUT where validation is held out of Train_Folder
+  (`held`, `seed`, `what` as hold_out takes them)."""
+  if layout == SPLIT_FOLDERS_LAYOUT or split == 'test':
+    return split_folder_pairs(src, split)
+  return split_image_pairs(split_folder_pairs(src, 'train'), split, held, seed,
+                           what)
 
 
 def split_folder_pairs(src: pathlib.Path,

@@ -1,6 +1,6 @@
 """MoNuSeg nuclei segmentation (H&E histology, 1000x1000) as binary examples.
 
-Two layouts are read:
+Three layouts are read:
 
 * official release: the training part (`Tissue Images/*.tif` beside
   `Annotations/*.xml`, e.g. in `MoNuSeg 2018 Training Data/`; 30 images) and the
@@ -12,19 +12,25 @@ Two layouts are read:
   skipped; a polygon with no vertex inside its image is refused). Validation
   holds out 6 training images: by default the 6 of the UCTransNet split, so
   both layouts give the same 24/6/14 split.
-* `{Train,Val,Test}_Folder/{img,labelcol}` (UCTransNet copy): images PNG or
-  TIFF RGB, masks `<stem>.png` in {0, 255}; foreground = mask > 0.
+* split folders, `{Train,Val,Test}_Folder/{img,labelcol}` (UCTransNet copy):
+  images PNG or TIFF RGB, masks `<stem>.png` in {0, 255}; foreground =
+  mask > 0. The validation images are those of Val_Folder.
+* train/test folders: the same without Val_Folder; validation is held out of
+  Train_Folder as from the release's training part.
+
+`val_cases=0` builds no validation split.
 
 Images are (H, W, 3) uint8; case_id is the image stem; spacing is (1, 1, 1).
 """
 
 import pathlib
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 from xml.etree import ElementTree
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_prep import sources
 from data_prep.sources import common
 
 NAME = 'monuseg'
@@ -44,13 +50,19 @@ MIN_POLYGON_VERTICES = 3
 
 _SPEC = common.ExampleSpec(NUM_CLASSES, IN_CHANNELS, IMAGE_DTYPE)
 _TIFF_SUFFIXES = ('.tif', '.tiff')
+RELEASE = 'official release'
 LAYOUTS = {
-    'official release': '<training part>/Tissue Images/*.tif + '
-                        '<training part>/Annotations/*.xml, and/or a test part '
-                        'folder (e.g. MoNuSegTestData/) holding *.tif + *.xml',
-    'split folders': '{Train,Val,Test}_Folder/img/<stem>.<png|tif> + '
-                     '{Train,Val,Test}_Folder/labelcol/<stem>.png',
+    RELEASE: '<training part>/Tissue Images/*.tif + <training part>/'
+             'Annotations/*.xml, and/or a test part folder (e.g. '
+             'MoNuSegTestData/) holding *.tif + *.xml',
+    common.SPLIT_FOLDERS_LAYOUT:
+        '{Train,Val,Test}_Folder/img/<stem>.<png|tif> + '
+        '{Train,Val,Test}_Folder/labelcol/<stem>.png',
+    common.TRAIN_TEST_FOLDERS_LAYOUT:
+        'the same with Train_Folder and Test_Folder only (validation images '
+        'held out of Train_Folder)',
 }
+_VALIDATION_WHAT = 'MoNuSeg validation images'
 MANUAL_DOWNLOAD_INSTRUCTIONS = common.instructions(
     NAME, 'MoNuSeg',
     'https://monuseg.grand-challenge.org/Data/ (training and test data), or a '
@@ -157,12 +169,26 @@ def _release_split(src: pathlib.Path, parts, split: str,
     raise FileNotFoundError(
         f'{src}: the official release\'s {part}ing part is missing; the '
         f'{split!r} split needs it (expected: '
-        f'{LAYOUTS["official release"]}).')
+        f'{LAYOUTS[RELEASE]}).')
   pairs = common.pair_by_stem(*parts[part])
   if split == 'test':
     return pairs
   return common.split_image_pairs(pairs, split, val_cases, seed,
-                                  'MoNuSeg validation images')
+                                  _VALIDATION_WHAT)
+
+
+def plan_build(src: pathlib.Path, options: Mapping[str, Any]
+               ) -> sources.BuildPlan:
+  """The layout in `src`, the splits written and the options left unused."""
+  layout = common.split_folders_layout(src)
+  if layout is not None:
+    return common.split_folders_plan(layout, options['val_cases'],
+                                     'training images')
+  if not _release_parts(src):
+    raise common.layout_error(src, 'MoNuSeg', LAYOUTS)
+  return sources.BuildPlan(
+      RELEASE, sources.splits_with(validation=bool(options['val_cases'])),
+      common.unused_seed(options['val_cases'], 'training images'))
 
 
 def generate_examples(src: pathlib.Path | str | None, split: str, *,
@@ -174,18 +200,20 @@ def generate_examples(src: pathlib.Path | str | None, split: str, *,
   uint8 in {0, 1}, 'case_id' (the stem), 'slice_index' 0, 'spacing' (1, 1, 1).
 
   Args:
-    src: folder holding the official release or the split folders.
+    src: folder holding one of the LAYOUTS.
     split: 'train', 'validation' or 'test'.
-    val_cases: official release only: the training images held out for
-      validation, as stems (default: the UCTransNet 6) or a count drawn by a
-      seeded shuffle.
-    seed: official release only: seed of a counted validation draw.
+    val_cases: official release and train/test folders: the training images
+      held out for validation, as stems (default: the UCTransNet 6) or a
+      count drawn by a seeded shuffle; 0 builds no validation split.
+    seed: seed of a counted validation draw.
   """
   common.check_split(split, SPLITS)
   src = common.require_folder(src, MANUAL_DOWNLOAD_INSTRUCTIONS)
-  if common.holds_split_folders(src):
+  layout = common.split_folders_layout(src)
+  if layout is not None:
     return common.picture_examples(
-        _SPEC, common.split_folder_pairs(src, split),
+        _SPEC, common.folder_layout_pairs(src, layout, split, val_cases, seed,
+                                          _VALIDATION_WHAT),
         common.picture_label_from_mask)
   parts = _release_parts(src)
   if not parts:

@@ -20,10 +20,11 @@ Cases are named 'caseXXXX' in both layouts and every slice is kept.
 
 import pathlib
 import re
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from data_prep import sources
 from data_prep.sources import common
 
 NAME = 'synapse'
@@ -48,12 +49,13 @@ _SPEC = common.ExampleSpec(NUM_CLASSES, IN_CHANNELS, IMAGE_DTYPE)
 _RAW_ROOTS = ('.', 'Training', 'RawData/Training')
 _SLICE_FILE = re.compile(r'(case\d{4})_slice(\d+)\.npz')
 _VOLUME_FILE = re.compile(r'(case\d{4})\.npy\.h5')
+RAW = 'raw BTCV release'
+TRANSUNET = 'TransUNet copy'
 LAYOUTS = {
-    'raw BTCV release': 'img/imgXXXX.nii.gz + label/labelXXXX.nii.gz '
-                        '(optionally under Training/ or RawData/Training/)',
-    'TransUNet copy': 'train_npz/caseXXXX_sliceNNN.npz (keys image, label) '
-                      'and/or test_vol_h5/caseXXXX.npy.h5 (datasets image, '
-                      'label)',
+    RAW: 'img/imgXXXX.nii.gz + label/labelXXXX.nii.gz (optionally under '
+         'Training/ or RawData/Training/)',
+    TRANSUNET: 'train_npz/caseXXXX_sliceNNN.npz (keys image, label) and/or '
+               'test_vol_h5/caseXXXX.npy.h5 (datasets image, label)',
 }
 MANUAL_DOWNLOAD_INSTRUCTIONS = common.instructions(
     NAME, 'Synapse',
@@ -197,6 +199,24 @@ def _transunet_examples(src: pathlib.Path, split: str,
             image_path=path, label_path=path)
 
 
+def _layout(src: pathlib.Path) -> str:
+  """The layout (a key of LAYOUTS) that `src` holds."""
+  if _raw_root(src) is not None:
+    return RAW
+  if (src / 'train_npz').is_dir() or (src / 'test_vol_h5').is_dir():
+    return TRANSUNET
+  raise common.layout_error(src, 'Synapse', LAYOUTS)
+
+
+def plan_build(src: pathlib.Path, options: Mapping[str, Any]
+               ) -> sources.BuildPlan:
+  """The layout in `src`, the splits written and the options left unused."""
+  validation = case_splits(options['val_cases'], options['seed'])['validation']
+  return sources.BuildPlan(
+      _layout(src), sources.splits_with(validation=bool(validation)),
+      common.unused_seed(options['val_cases'], 'training cases'))
+
+
 def generate_examples(src: pathlib.Path | str | None, split: str, *,
                       val_cases: int | Sequence[str] = 2,
                       seed: int = 0) -> Iterator[common.KeyedExample]:
@@ -208,17 +228,14 @@ def generate_examples(src: pathlib.Path | str | None, split: str, *,
   Args:
     src: folder holding the raw BTCV release or the TransUNet copy.
     split: 'train', 'validation' or 'test' (the 12 TransUNet test cases).
-    val_cases: number of training cases held out for validation (chosen by a
-      seeded shuffle) or their ids ('caseXXXX'); validation never takes a test
-      case.
-    seed: seed of the validation draw.
+    val_cases: the training cases held out for validation, as a count drawn
+      by a seeded shuffle or as ids ('caseXXXX'); never a test case; 0 builds
+      no validation split (all 18 cases train).
+    seed: seed of a counted validation draw.
   """
   common.check_split(split, SPLITS)
   src = common.require_folder(src, MANUAL_DOWNLOAD_INSTRUCTIONS)
   cases = case_splits(val_cases, seed)[split]
-  raw_root = _raw_root(src)
-  if raw_root is not None:
-    return _raw_examples(raw_root, cases)
-  if (src / 'train_npz').is_dir() or (src / 'test_vol_h5').is_dir():
-    return _transunet_examples(src, split, cases)
-  raise common.layout_error(src, 'Synapse', LAYOUTS)
+  if _layout(src) == RAW:
+    return _raw_examples(_raw_root(src), cases)
+  return _transunet_examples(src, split, cases)
