@@ -4,10 +4,10 @@
   python main.py --config configs/demo.py --workdir runs/demo \
       --config.num_train_steps=100 --mode train_and_eval
 
-Multi-process runs call jax.distributed.initialize: explicitly when the
-launcher sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID
-(e.g. two CPU processes on one machine), or with JAX's cluster auto-detection
-on a Cloud TPU pod slice, under SLURM or Open MPI.
+Multi-process runs join their job through `selfreg_jax.distributed.initialize`:
+explicitly when the launcher sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+and JAX_PROCESS_ID (e.g. two CPU processes on one machine), or with JAX's
+cluster auto-detection on a Cloud TPU pod slice, under SLURM or Open MPI.
 """
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -18,14 +18,14 @@ if __name__ == '__main__':
   # imports below.
   host_memory.prepare_process()
 
-import os
-
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 from ml_collections import config_flags
 
 from selfreg_jax import cli
+from selfreg_jax import distributed
 from selfreg_jax import train
 
 FLAGS = flags.FLAGS
@@ -37,24 +37,14 @@ flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and_eval'],
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def initialize_distributed() -> None:
-  """Starts JAX's multi-process runtime when the launch asks for it."""
-  num_processes = int(os.environ.get('JAX_NUM_PROCESSES', '1'))
-  if num_processes > 1:
-    jax.distributed.initialize(
-        coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
-        num_processes=num_processes,
-        process_id=int(os.environ['JAX_PROCESS_ID']))
-  elif (',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
-        or int(os.environ.get('SLURM_NTASKS', '1')) > 1
-        or int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1):
-    jax.distributed.initialize()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  initialize_distributed()
+  distributed.initialize()
+  logging.info('JAX process %d/%d, %d local / %d global devices (%s).',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode)
 
 

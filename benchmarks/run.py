@@ -13,6 +13,12 @@ Suites (all by default, in this order):
   metrics         Dice/Jaccard/HD95/ASSD of a 100x512x512 8-organ case
                   against the whole-volume EDT baseline
   input_pipeline  training-loader slices/s with 0, 1 and 2 grain workers
+  memory          compile-only: XLA's memory plan of the SelfReg train step
+                  at batch 4, 8, 16, ... until it exceeds the device's
+                  memory; the largest batch that fits
+  collectives     compile-only: the collectives of the full-size train step
+                  on 1 process x 64 CPU devices and 2 processes x 4, with
+                  the parameter bytes and compile s
 
 Compilation is timed apart; a time is the median of --steps runs after a
 warm-up run. The JSON holds the device, the JAX version, the host's CPU
@@ -48,6 +54,8 @@ SUITES = {
     'selfreg_loss': 'benchmarks.selfreg_loss_bench',
     'metrics': 'benchmarks.metrics_bench',
     'input_pipeline': 'benchmarks.input_pipeline_bench',
+    'memory': 'benchmarks.memory_bench',
+    'collectives': 'benchmarks.collectives_bench',
 }
 DEFAULT_OUT = pathlib.Path('runs') / 'benchmarks.json'
 
@@ -132,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       'device': device, 'jax_version': jax.__version__,
       'host_cpu_count': os.cpu_count(),
       'glibc_tunables': os.environ.get('GLIBC_TUNABLES'),
+      'xla_flags': os.environ.get('XLA_FLAGS'),
       'started_at': datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec='seconds'),
       'suites': list(args.only), 'settings': dataclasses.asdict(settings),

@@ -155,6 +155,15 @@ def device_peak_bytes() -> int | None:
   return int(stats['peak_bytes_in_use'])
 
 
+def device_memory_bytes() -> int:
+  """The memory of device 0 for programs: the accelerator's limit, or on CPU
+  the host's physical memory."""
+  stats = jax.devices()[0].memory_stats()
+  if stats and 'bytes_limit' in stats:
+    return int(stats['bytes_limit'])
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
 def format_bytes(count: int | None) -> str:
   return 'n/a' if count is None else f'{count / 2**20:.1f} MiB'
 

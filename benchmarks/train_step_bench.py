@@ -26,14 +26,15 @@ SUITE = 'train_step'
 STEP_KEY_SEED = 2
 
 
-class _CompiledStep(NamedTuple):
+class CompiledStep(NamedTuple):
+  """A train step compiled for the arguments it is to run on."""
   setup: model_setup.ModelSetup
   compiled: timing.Compiled
   args: tuple[train.TrainState, dict[str, jax.Array]]  # (state, batch)
 
 
-def _compiled_step(name: str, batch_size: int, dtype: str, selfreg: bool,
-                   settings: settings_lib.Settings) -> _CompiledStep:
+def compiled_step(name: str, batch_size: int, dtype: str, selfreg: bool,
+                  settings: settings_lib.Settings) -> CompiledStep:
   setup = model_setup.model_setup(name, dtype, settings.smoke)
   step = jax.jit(functools.partial(
       train.train_step, model=setup.model, tx=setup.tx,
@@ -41,8 +42,8 @@ def _compiled_step(name: str, batch_size: int, dtype: str, selfreg: bool,
       base_key=jax.random.key(STEP_KEY_SEED)), donate_argnums=0)
   batch = model_setup.synthetic_batch(setup.config, batch_size)
   state = jax.tree.map(jnp.copy, setup.state)  # the step donates its state
-  return _CompiledStep(setup, timing.compile_jitted(step, state, batch),
-                       (state, batch))
+  return CompiledStep(setup, timing.compile_jitted(step, state, batch),
+                      (state, batch))
 
 
 def _next_args(output, args):
@@ -62,7 +63,7 @@ def measure_pair(name: str, batch_size: int, dtype: str,
   loop, which repeats one program, does not pay. Then each runs
   `settings.runs` steps back to back (`back_to_back_s`, their mean).
   """
-  steps = [_compiled_step(name, batch_size, dtype, selfreg, settings)
+  steps = [compiled_step(name, batch_size, dtype, selfreg, settings)
            for selfreg in (False, True)]
   args = [step.args for step in steps]
   times = [[], []]

@@ -27,6 +27,8 @@ TIMES = {
                      'share_of_train_step_pct'),
     'metrics': ('optimised_seconds', 'baseline_seconds', 'speedup'),
     'input_pipeline': ('slices_per_s',),
+    'memory': (),
+    'collectives': ('compile_s',),
 }
 
 
@@ -40,7 +42,7 @@ def run_smoke(tmp_path, *args) -> tuple[str, dict]:
   completed = subprocess.run(
       [sys.executable, '-m', 'benchmarks.run', '--smoke', '--models', MODEL,
        '--out', str(out), *args],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+      cwd=ROOT, capture_output=True, text=True, timeout=1200)
   assert completed.returncode == 0, completed.stderr[-3000:]
   assert list(tmp_path.iterdir()) == [out]  # no temporary file left behind
   return completed.stdout, json.loads(out.read_text(),
@@ -107,6 +109,28 @@ def test_smoke_run_writes_every_suite(tmp_path):
 
   workers = [r.get('num_workers') for r in by_suite['input_pipeline']]
   assert workers == [None, *input_pipeline_bench.WORKER_COUNTS]
+
+  # Two batch sizes of the smoke model (far below the host's memory), then
+  # the straight line through their plans.
+  small, large, line = by_suite['memory']
+  assert (small['batch'], large['batch']) == (settings.SMOKE_BATCH,
+                                              2 * settings.SMOKE_BATCH)
+  totals = [r['xla_memory']['total_bytes'] for r in (small, large)]
+  assert 0 < totals[0] < totals[1] <= line['memory_limit_bytes']
+  assert line['largest_fitting_batch'] == large['batch']
+  assert line['marginal_bytes_per_image'] == pytest.approx(
+      (totals[1] - totals[0]) / settings.SMOKE_BATCH)
+  assert line['fixed_bytes'] == pytest.approx(
+      totals[0] - settings.SMOKE_BATCH * line['marginal_bytes_per_image'])
+
+  # The UNet step all-reduces its gradients and BatchNorm statistics only.
+  assert [(r['processes'], r['devices']) for r in by_suite['collectives']] == [
+      (1, 4), (2, 4)]
+  for record in by_suite['collectives']:
+    assert record['gradient_bytes'] == record['param_bytes'] > 0
+    assert record['other_all_reduce_bytes'] >= record['batch_stats_bytes']
+    assert {kind for kind, counts in record['kinds'].items()
+            if counts['instructions']} == {'all-reduce'}
 
 
 def test_only_restricts_suites(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import tiny_configs as tc
 from selfreg_jax.models import Features, create_model
 from selfreg_jax.models.batch_norm import BatchNorm
+from selfreg_jax.models.swin_unet import DropPath
 from selfreg_jax.models.unet import align_corners_matrix
 
 
@@ -194,6 +195,24 @@ def test_swin_stochastic_depth_uses_dropout_rng_only_in_training():
   out_b = _apply(model, variables, x, train=True,
                  rngs={'dropout': jax.random.key(2)})[0]
   assert not np.allclose(out_a, out_b)
+
+
+def test_drop_path_drops_whole_samples_each_by_its_own_draw():
+  """Each sample's residual branch is zeroed or scaled by 1/keep as a whole,
+  about `rate` of them zeroed, and a sample's draw depends only on the key
+  and its index (so a batch split over devices draws the same masks)."""
+  rate, batch = 0.25, 512
+  x = jnp.ones((batch, 2, 2, 3))
+  drop = jax.jit(lambda x: DropPath(rate).apply(
+      {}, x, train=True, rngs={'dropout': jax.random.key(0)}))
+  out = np.asarray(drop(x))
+  per_sample = out.reshape(batch, -1)
+  assert set(np.unique(per_sample)) <= {0.0, np.float32(1 / (1 - rate))}
+  assert (per_sample == per_sample[:, :1]).all()
+  dropped = (per_sample[:, 0] == 0).mean()
+  # Binomial(512, 0.25): 4 standard deviations are 0.077.
+  assert abs(dropped - rate) < 4 * np.sqrt(rate * (1 - rate) / batch)
+  np.testing.assert_array_equal(drop(x[:8]), out[:8])
 
 
 @pytest.mark.parametrize('config_fn', [tc.tiny_unet, tc.tiny_swin])

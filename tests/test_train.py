@@ -3,7 +3,6 @@
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from tensorboard.util import tensor_util
 
 import tiny_train_config
 from selfreg_jax import checkpoints
+from selfreg_jax import distributed
 from selfreg_jax import train
 from selfreg_jax.models import create_model
 
@@ -155,12 +155,6 @@ def test_eight_devices_match_one_device(tiny_demo_data_dir, tmp_path, model):
   assert moved > 1e-3
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _logged_losses(stderr: str) -> list[str]:
   return [line.split('loss ')[1].split()[0] for line in stderr.splitlines()
           if ' loss ' in line and 'step ' in line]
@@ -168,29 +162,19 @@ def _logged_losses(stderr: str) -> list[str]:
 
 def test_two_processes_train_together_and_only_process_0_logs(
     tiny_demo_data_dir, tmp_path):
-  port = _free_port()
-  processes = []
-  for process_id in range(2):
-    env = dict(os.environ, JAX_NUM_PROCESSES='2',
-               JAX_PROCESS_ID=str(process_id),
-               JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
-               XLA_FLAGS=(os.environ['XLA_FLAGS'] +
-                          ' --xla_force_host_platform_device_count=1'))
-    processes.append(subprocess.Popen(
-        [sys.executable, str(ROOT / 'main.py'),
-         *_main_args('unet', tmp_path, tiny_demo_data_dir,
-                     '--config.num_train_steps=3', '--mode=train')],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True))
-  outputs = [p.communicate(timeout=600) for p in processes]
-  for p, (_, err) in zip(processes, outputs):
-    assert p.returncode == 0, err[-3000:]
-    assert 'process ' in err and '2 global devices' in err
-  losses = [_logged_losses(err) for _, err in outputs]
+  results = distributed.launch_local(
+      [str(ROOT / 'main.py'),
+       *_main_args('unet', tmp_path, tiny_demo_data_dir,
+                   '--config.num_train_steps=3', '--mode=train')],
+      num_processes=2, devices_per_process=1, timeout=600, cwd=ROOT)
+  for result in results:
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'process ' in result.stderr and '2 global devices' in result.stderr
+  losses = [_logged_losses(result.stderr) for result in results]
   assert len(losses[0]) == 3 and losses[0] == losses[1]
   event_files = list(tmp_path.glob('events.out.tfevents.*'))
   assert len(event_files) == 1
-  assert str(processes[0].pid) in event_files[0].name
+  assert str(results[0].pid) in event_files[0].name
   assert (tmp_path / checkpoints.CHECKPOINT_DIR / '3' / 'variables').is_dir()
 
 

@@ -97,7 +97,15 @@ def merge_windows(x, window: int):
 
 
 class DropPath(nn.Module):
-  """Stochastic depth: drops whole samples' residual branch in training."""
+  """Stochastic depth: drops whole samples' residual branch in training.
+
+  Sample i is kept with the draw of the module's key folded with i, a
+  computation per sample: with the batch split over devices, each device
+  draws its own samples' masks. (One draw of B values would not split: the
+  classic threefry scheme, which selfreg_jax selects, mixes counters across
+  the batch, and a sharded step then gathers and permutes them between
+  devices.)
+  """
   rate: float
 
   @nn.compact
@@ -105,8 +113,10 @@ class DropPath(nn.Module):
     if not train or self.rate == 0.0:
       return x
     keep = 1.0 - self.rate
-    mask = jax.random.bernoulli(self.make_rng('dropout'), keep,
-                                (x.shape[0],) + (1,) * (x.ndim - 1))
+    key = self.make_rng('dropout')
+    kept = jax.vmap(lambda i: jax.random.bernoulli(
+        jax.random.fold_in(key, i), keep))(jnp.arange(x.shape[0]))
+    mask = kept.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
