@@ -20,6 +20,7 @@ if __name__ == '__main__':
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -27,6 +28,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from selfreg_jax import checkpoints
 from selfreg_jax import train
 
 FLAGS = flags.FLAGS
@@ -54,15 +56,16 @@ def initialize_distributed() -> None:
 
 class QuietLibraries(std_logging.Filter):
   """Keeps the console readable: INFO lines from this project and CLU's
-  progress reports, warnings from everything but orbax's routine notices,
-  errors always. Run with --verbosity=1 to see every library's INFO lines."""
+  progress reports, warnings and errors from everything but orbax. Orbax's
+  failures come back as exceptions, which selfreg_jax.checkpoints reports in
+  one line (orbax also logs each one, traceback and all, from every thread
+  it passes through). Run with --verbosity=1 to see every library's
+  records."""
 
   SHOWN_INFO = ('/selfreg_jax/', '/data_prep/', 'main.py', '/clu/platform/',
                 '/clu/periodic_actions')
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if record.levelno >= std_logging.ERROR:
-      return True
     if record.levelno >= std_logging.WARNING:
       return '/orbax/' not in record.pathname
     return any(part in record.pathname for part in self.SHOWN_INFO)
@@ -78,7 +81,13 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  except (checkpoints.CheckpointError, train.NonFiniteLossError) as e:
+    # A damaged checkpoint, a failed save (e.g. a full disk) or a diverged
+    # run: the message says what and what to do; a traceback adds nothing.
+    logging.error('%s', e)
+    sys.exit(1)
 
 
 if __name__ == '__main__':
