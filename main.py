@@ -18,12 +18,15 @@ if __name__ == '__main__':
   # imports below.
   host_memory.prepare_process()
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
+from selfreg_jax import checkpoints
 from selfreg_jax import cli
 from selfreg_jax import distributed
 from selfreg_jax import train
@@ -45,7 +48,13 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  except (checkpoints.CheckpointError, train.NonFiniteLossError) as e:
+    # A damaged checkpoint, a failed save (e.g. a full disk) or a diverged
+    # run: the message says what and what to do; a traceback adds nothing.
+    logging.error('%s', e)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

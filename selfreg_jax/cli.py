@@ -58,15 +58,16 @@ def run(main: Callable[..., int | None], *args: Any) -> NoReturn:
 
 class QuietLibraries(std_logging.Filter):
   """Keeps the console readable: INFO lines from this project and CLU's
-  progress reports, warnings from everything but orbax's routine notices,
-  errors always. Run with --verbosity=1 to see every library's INFO lines."""
+  progress reports, warnings and errors from everything but orbax. Orbax's
+  failures come back as exceptions, which selfreg_jax.checkpoints reports in
+  one line (orbax also logs each one, traceback and all, from every thread
+  it passes through). Run with --verbosity=1 to see every library's
+  records."""
 
   SHOWN_INFO = ('/selfreg_jax/', '/data_prep/', 'main.py', '/clu/platform/',
                 '/clu/periodic_actions')
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if record.levelno >= std_logging.ERROR:
-      return True
     if record.levelno >= std_logging.WARNING:
       return '/orbax/' not in record.pathname
     return any(part in record.pathname for part in self.SHOWN_INFO)

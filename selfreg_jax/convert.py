@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
-import orbax.checkpoint as ocp
 
 from selfreg_jax import checkpoints
 from selfreg_jax import cli
@@ -106,15 +105,17 @@ def torch_to_orbax(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path,
 
 def stored_config(workdir: str | pathlib.Path,
                   which: str = 'latest') -> ml_collections.ConfigDict:
-  """The config saved with checkpoint `which` of a run."""
+  """The config saved with checkpoint `which` of a run.
+
+  Raises:
+    checkpoints.CheckpointError: the config does not restore (damaged).
+  """
   with checkpoints.create_manager(workdir, read_only=True) as manager:
     step = checkpoints.select_step(manager, which)
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          config=ocp.args.JsonRestore()))
-    except KeyError as e:
-      raise FileNotFoundError(f'{manager.directory} step {step} holds no '
-                              f'config ({e}): pass --config.') from e
+    restored = checkpoints.restore_step(manager, step, {}, optional=('config',))
+  if 'config' not in restored:
+    raise FileNotFoundError(f'{manager.directory} step {step} holds no '
+                            'config: pass --config.')
   return ml_collections.ConfigDict(restored['config'])
 
 

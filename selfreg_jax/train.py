@@ -7,10 +7,13 @@ the devices ahead of their steps (config.prefetch_to_device); the loop reads
 each step's metrics while the next step runs, so the host never waits for
 the devices between steps except to log, validate or save. Checkpoints
 (orbax), logs (CLU: TensorBoard event files + console) and validation live
-in the workdir; a run resumes from its last checkpoint, data order and
-random keys included.
+in the workdir; a run resumes from its newest intact checkpoint, data order,
+random keys and the loop's own state (`LoopState`: early stopping, the log
+interval in progress) included. A step's metrics are checked finite before
+its state is logged or saved, so no checkpoint holds a diverged state.
 """
 
+import dataclasses
 import functools
 import pathlib
 import signal
@@ -59,7 +62,31 @@ class TrainState:
 
 
 class NonFiniteLossError(FloatingPointError):
-  """A loss part or the gradient norm became NaN or Inf."""
+  """A loss part, the gradient norm or the train state became NaN or Inf."""
+
+
+@dataclasses.dataclass
+class LoopState:
+  """The training loop's own state, saved with each checkpoint (as JSON).
+
+  Attributes:
+    best_val_dice: the highest validation mean Dice so far; None before the
+      first validation.
+    validations_without_gain: validations since the best one (what
+      config.early_stopping_patience counts).
+    interval_metrics: the per-step training metrics since the last log line
+      (its scalars are their means).
+  """
+  best_val_dice: float | None = None
+  validations_without_gain: int = 0
+  interval_metrics: list[dict[str, float]] = dataclasses.field(
+      default_factory=list)
+
+  def record_validation(self, mean_dice: float) -> None:
+    if self.best_val_dice is None or mean_dice > self.best_val_dice:
+      self.best_val_dice, self.validations_without_gain = mean_dice, 0
+    else:
+      self.validations_without_gain += 1
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
@@ -163,14 +190,21 @@ def jit_train_step(model, tx: optax.GradientTransformation,
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
+# What to do about a NaN or Inf, in the error that stops the run.
+_NONFINITE_ADVICE = (
+    'Lower optimizer.learning_rate, set optimizer.grad_clip_norm or check '
+    'the data, then rerun: checkpoints never hold non-finite values, so the '
+    'run resumes from its last one, if any.')
+
+
 def check_finite(step: int, metrics: dict[str, float]) -> None:
   bad = sorted(name for name, value in metrics.items()
                if not np.isfinite(value))
   if bad:
     raise NonFiniteLossError(
         f'Step {step}: non-finite {", ".join(bad)} '
-        f'({", ".join(f"{k}={metrics[k]}" for k in bad)}); stopping. Lower the '
-        'learning rate, enable optimizer.grad_clip_norm or check the data.')
+        f'({", ".join(f"{k}={metrics[k]}" for k in bad)}); stopping. '
+        + _NONFINITE_ADVICE)
 
 
 class PreemptionWatcher:
@@ -214,27 +248,52 @@ def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
   return max(1, num_slices // config.batch_size)
 
 
+def _train_arrays(state: TrainState) -> dict[str, Any]:
+  """The array items of a checkpoint: 'variables' and 'train'."""
+  return {'variables': state.variables(),
+          'train': {'step': state.step, 'opt_state': state.opt_state}}
+
+
 def _save(manager, step: int, state: TrainState, iterator, config,
-          metrics=None):
-  manager.save(step, args=ocp.args.Composite(
-      variables=ocp.args.StandardSave(state.variables()),
-      train=ocp.args.StandardSave({'step': state.step,
-                                   'opt_state': state.opt_state}),
-      data=grain.checkpoint.CheckpointSave(iterator),
+          loop: LoopState, metrics=None) -> None:
+  """Saves a checkpoint of `step`, whose metrics have been checked finite.
+
+  Raises:
+    NonFiniteLossError: the state itself holds a NaN or Inf (e.g. an
+      overflowing BatchNorm variance under a finite loss); nothing is saved.
+  """
+  arrays = _train_arrays(state)
+  nonfinite = checkpoints.nonfinite_arrays(arrays)
+  if nonfinite:
+    raise NonFiniteLossError(
+        f'Step {step}: non-finite values in the train state '
+        f'({checkpoints.short_list(nonfinite)}); not saved, stopping. '
+        + _NONFINITE_ADVICE)
+  manager.save(step, args=checkpoints.save_args(
+      arrays, data=grain.checkpoint.CheckpointSave(iterator),
+      loop=ocp.args.JsonSave(dataclasses.asdict(loop)),
       config=ocp.args.JsonSave(config.to_dict())), metrics=metrics, force=True)
 
 
-def _restore(manager, abstract: TrainState, iterator) -> TrainState:
-  step = manager.latest_step()
-  restored = manager.restore(step, args=ocp.args.Composite(
-      variables=ocp.args.StandardRestore(abstract.variables()),
-      train=ocp.args.StandardRestore({'step': abstract.step,
-                                      'opt_state': abstract.opt_state}),
-      data=grain.checkpoint.CheckpointRestore(iterator)))
+def _restore(manager, abstract: TrainState, iterator
+             ) -> tuple[int, TrainState, LoopState] | None:
+  """Restores the newest intact checkpoint: (step, state, loop state).
+
+  Newer damaged steps are moved aside (`checkpoints.restore_newest_intact`);
+  None without checkpoints. Checkpoints saved before the loop state was
+  checkpointed give a fresh LoopState.
+  """
+  found = checkpoints.restore_newest_intact(
+      manager, _train_arrays(abstract), optional=('loop',),
+      data=grain.checkpoint.CheckpointRestore(iterator))
+  if found is None:
+    return None
+  step, restored = found
   variables, train = restored['variables'], restored['train']
-  return TrainState(step=train['step'], params=variables['params'],
-                    batch_stats=variables.get('batch_stats', {}),
-                    opt_state=train['opt_state'])
+  state = TrainState(step=train['step'], params=variables['params'],
+                     batch_stats=variables.get('batch_stats', {}),
+                     opt_state=train['opt_state'])
+  return step, state, LoopState(**restored.get('loop', {}))
 
 
 @functools.lru_cache(maxsize=8)
@@ -265,6 +324,32 @@ def _summary_images(model, variables, batch) -> np.ndarray:
        _summary_predictor(model)(local_variables, local_batch['image'])))
   return np.stack([visualize.comparison_strip(i, p, t) for i, p, t in zip(
       images[:IMAGES_PER_SUMMARY], predictions, labels)])
+
+
+def _early_stopping_reached(config: ml_collections.ConfigDict,
+                            loop: LoopState) -> bool:
+  return (config.early_stopping_patience > 0 and
+          loop.validations_without_gain >= config.early_stopping_patience)
+
+
+def _write_interval(writer, step: int, total_steps: int,
+                    interval_metrics: list[dict[str, float]],
+                    steps_per_sec: float) -> None:
+  """Logs the means of a log interval's training metrics at its last step.
+
+  The learning rate is the interval's last step's, not the interval's mean.
+  """
+  scalars = {f'train/{k}': float(np.mean([m[k] for m in interval_metrics]))
+             for k in interval_metrics[0]}
+  scalars['train/learning_rate'] = interval_metrics[-1]['learning_rate']
+  scalars['train/steps_per_sec'] = steps_per_sec
+  writer.write_scalars(step, scalars)
+  logging.info('step %d/%d  loss %.4f  ce %.4f  dice %.4f  scr %.4f  '
+               'ifd %.4f  lr %.3g  %.2f steps/s', step, total_steps,
+               scalars['train/total'], scalars['train/ce'],
+               scalars['train/dice'], scalars['train/scr'],
+               scalars['train/ifd'], scalars['train/learning_rate'],
+               scalars['train/steps_per_sec'])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -308,17 +393,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batch_sharding)
   manager = checkpoints.create_manager(workdir,
                                        keep_last=config.keep_checkpoints)
-  resume_step = manager.latest_step()
-  first_step = 0 if resume_step is None else resume_step
-  if resume_step is not None:
+  found = None
+  if manager.all_steps():
     abstract = jax.eval_shape(init_fn, init_key)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         abstract)
-    state = _restore(manager, abstract, batches)
+    found = _restore(manager, abstract, batches)
+  if found is not None:
+    first_step, state, loop = found
     logging.info('Resumed from %s at step %d.', manager.directory, first_step)
   else:
-    state = init_fn(init_key)
+    first_step, state, loop = 0, init_fn(init_key), LoopState()
     if config.init.pretrained:
       variables, _ = pretrained.load_swin_imagenet(
           config.init.pretrained, state.variables(), config.model,
@@ -335,43 +421,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer)
   preemption = PreemptionWatcher()
-  best_dice, evals_without_gain = -np.inf, 0
   pending = None
-  interval_metrics = []
+  save_unconfirmed = False
+  stop_early = _early_stopping_reached(config, loop)
+  if stop_early:
+    logging.info('Early stopping was reached at step %d: not training '
+                 'further.', first_step)
   logging.info('Training %s on %s for %d steps (%d per epoch), global batch '
                '%d over %d devices.', config.model.name, config.dataset.name,
                total_steps, epoch_steps, config.batch_size, jax.device_count())
-  interval_start = time.time()
+  interval_start, interval_first_step = time.time(), first_step
   try:
     step = first_step
-    while step < total_steps:
+    while step < total_steps and not stop_early:
       batch = next(batches)
       state, metrics = step_fn(state, batch)
       # Read the previous step's metrics while this one runs.
       if pending is not None:
-        interval_metrics.append(_fetch_checked(*pending))
+        loop.interval_metrics.append(_fetch_checked(*pending))
       pending = (step + 1, metrics)
       step += 1
       report_progress(step)
+      if save_unconfirmed and not manager.is_saving_in_progress():
+        # A save that failed in the background stops the run now, not at
+        # the next save (which would wait for it).
+        checkpoints.wait_for_saves(manager)
+        save_unconfirmed = False
 
       is_last = step == total_steps
-      if step % config.log_every_steps == 0 or is_last:
-        interval_metrics.append(_fetch_checked(*pending))
+      validate = (config.eval_every_steps > 0
+                  and step % config.eval_every_steps == 0) or (
+                      is_last and config.eval_every_steps >= 0)
+      preempted = preemption.reached(step)
+      save = (validate or is_last or preempted
+              or step % config.checkpoint_every_steps == 0)
+      if step % config.log_every_steps == 0 or is_last or save:
+        # This step's own metrics are checked before its state is logged
+        # or saved, so that no checkpoint holds a diverged state.
+        loop.interval_metrics.append(_fetch_checked(*pending))
         pending = None
-        scalars = {f'train/{k}': float(np.mean([m[k] for m in interval_metrics]))
-                   for k in interval_metrics[0]}
-        elapsed = time.time() - interval_start
-        # The rate of the interval's last step, not the interval's mean.
-        scalars['train/learning_rate'] = interval_metrics[-1]['learning_rate']
-        scalars['train/steps_per_sec'] = len(interval_metrics) / elapsed
-        writer.write_scalars(step, scalars)
-        logging.info('step %d/%d  loss %.4f  ce %.4f  dice %.4f  scr %.4f  '
-                     'ifd %.4f  lr %.3g  %.2f steps/s', step, total_steps,
-                     scalars['train/total'], scalars['train/ce'],
-                     scalars['train/dice'], scalars['train/scr'],
-                     scalars['train/ifd'], scalars['train/learning_rate'],
-                     scalars['train/steps_per_sec'])
-        interval_metrics, interval_start = [], time.time()
+      if step % config.log_every_steps == 0 or is_last:
+        _write_interval(writer, step, total_steps, loop.interval_metrics,
+                        (step - interval_first_step) /
+                        (time.time() - interval_start))
+        loop.interval_metrics = []
+        interval_start, interval_first_step = time.time(), step
       if (config.image_summary_every_steps
           and step % config.image_summary_every_steps == 0):
         writer.write_images(step, {'train/input_prediction_truth':
@@ -379,38 +473,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                    batch)})
 
       eval_metrics = None
-      if (config.eval_every_steps > 0 and step % config.eval_every_steps == 0
-          ) or (is_last and config.eval_every_steps >= 0):
+      if validate:
         summary = evaluate.evaluate_split(
             config, model, state.variables(), config.dataset.val_split,
             mesh=mesh)
         writer.write_scalars(step, {f'val/{k}': v for k, v in summary.items()
                                     if isinstance(v, (int, float))})
         eval_metrics = {checkpoints.BEST_METRIC: summary['mean_dice']}
-        if summary['mean_dice'] > best_dice:
-          best_dice, evals_without_gain = summary['mean_dice'], 0
-        else:
-          evals_without_gain += 1
-      stop_early = (config.early_stopping_patience > 0 and
-                    evals_without_gain >= config.early_stopping_patience)
-      preempted = preemption.reached(step)
-      if (eval_metrics is not None or is_last or stop_early or preempted
-          or step % config.checkpoint_every_steps == 0):
-        _save(manager, step, state, batches, config, eval_metrics)
+        loop.record_validation(summary['mean_dice'])
+      stop_early = _early_stopping_reached(config, loop)
+      if save:
+        _save(manager, step, state, batches, config, loop, eval_metrics)
+        save_unconfirmed = True
       if preempted:
         logging.warning('Pre-empted (SIGTERM) at step %d: checkpoint saved, '
                         'exiting; rerun the same command to resume.', step)
-        manager.wait_until_finished()
+        checkpoints.wait_for_saves(manager)
         return {}
       if stop_early:
         logging.info('Early stopping at step %d: validation Dice has not '
-                     'improved for %d validations.', step, evals_without_gain)
-        break
+                     'improved for %d validations.', step,
+                     loop.validations_without_gain)
     if pending is not None:
       _fetch_checked(*pending)
+    checkpoints.wait_for_saves(manager)
   finally:
-    manager.wait_until_finished()
-    manager.close()
+    checkpoints.close(manager)
     batches.close()
     preemption.close()
     writer.flush()

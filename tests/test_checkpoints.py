@@ -1,21 +1,30 @@
 """Checkpoints: replicated arrays saved without compiling anything; the best
-step is the best by validation Dice.
+step is the best by validation Dice; damaged steps are found and passed over.
 
 Orbax's default array handler splits each replicated array over its replicas
 and compiles a slicing program per array shape (152 compiles, 7.6 s, on the
 first save of a tiny Swin-UNet over 8 CPU devices); `checkpoints` turns that
 off. The save runs in a subprocess with 8 simulated CPU devices, the only way
 to get several devices (the device count is fixed when JAX starts).
+
+The damage tests save two steps laid out as a training run's (array items,
+their checksums, a grain iterator, a JSON item), damage the newer one on
+disk, and expect the older one back, as it was saved.
 """
 
 import json
+import logging
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
+import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from selfreg_jax import checkpoints
 
@@ -97,3 +106,196 @@ def test_best_is_the_step_with_the_highest_validation_dice(tmp_path):
   _, step = checkpoints.restore_variables(
       tmp_path, jax.eval_shape(lambda: variables), which='best')
   assert step == 1
+
+
+# A weight large enough that zstd keeps most of its bytes as they are: bytes
+# flipped in the middle of its data file then decode without an error.
+WEIGHT_SHAPE = (128, 128)
+FLIPPED_BYTES = 64
+STEPS = (1, 2)
+
+
+def _state(step: int) -> dict:
+  """The array items of a step: distinct random values per step."""
+  rng = np.random.default_rng(step)
+  return {'variables': {'params': {
+      'kernel': rng.standard_normal(WEIGHT_SHAPE).astype(np.float32),
+      'bias': rng.standard_normal(WEIGHT_SHAPE[-1]).astype(np.float32)}},
+          'train': {'step': np.int32(step),
+                    'mu': rng.standard_normal(WEIGHT_SHAPE[-1]).astype(
+                        np.float32)}}
+
+
+def _data_iterator(position: int = 0):
+  """A grain iterator (over 0, 1, 2, ...) that has yielded `position` items."""
+  iterator = iter(grain.MapDataset.range(len(STEPS) + 2).to_iter_dataset())
+  for _ in range(position):
+    next(iterator)
+  return iterator
+
+
+def _save_steps(workdir) -> dict[int, dict]:
+  """Saves STEPS as a training run does; the later the step, the better its
+  validation Dice. Returns the saved array items by step."""
+  states = {step: _state(step) for step in STEPS}
+  with checkpoints.create_manager(workdir) as manager:
+    for step, state in states.items():
+      manager.save(step, args=checkpoints.save_args(
+          state, data=grain.checkpoint.CheckpointSave(_data_iterator(step)),
+          loop=ocp.args.JsonSave({'step': step})),
+                   metrics={checkpoints.BEST_METRIC: step / 10}, force=True)
+    manager.wait_until_finished()
+  return states
+
+
+def _abstract(tree, widen: int = 1):
+  """Shapes of a tree's arrays (the last axis `widen` times as long),
+  replicated over all devices, as training restores its state."""
+  replicated = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(jax.devices(), ('devices',)),
+      jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape[:-1] + (widen * x.shape[-1],) if x.ndim else x.shape, x.dtype,
+      sharding=replicated), tree)
+
+
+def _files(directory: pathlib.Path) -> dict[str, bytes]:
+  return {str(f.relative_to(directory)): f.read_bytes()
+          for f in sorted(directory.rglob('*')) if f.is_file()}
+
+
+def weight_file(step_dir: pathlib.Path) -> pathlib.Path:
+  """The largest data file of the step's variables (the weight's bytes)."""
+  return max((f for f in (step_dir / 'variables').rglob('*') if f.is_file()),
+             key=lambda f: f.stat().st_size)
+
+
+def flip_bytes(path: pathlib.Path) -> None:
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  for i in range(middle - FLIPPED_BYTES // 2, middle + FLIPPED_BYTES // 2):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+def _truncate(path: pathlib.Path) -> None:
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _empty(step_dir: pathlib.Path) -> None:
+  for child in step_dir.iterdir():
+    shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+# Damage done to the newest step -> what its one-line warning must say.
+DAMAGE = {
+    'missing variables': (lambda d: shutil.rmtree(d / 'variables'),
+                          "'variables' item is missing"),
+    'missing train': (lambda d: shutil.rmtree(d / 'train'),
+                      "'train' item is missing"),
+    'emptied step folder': (_empty, 'item is missing'),
+    'truncated weight file': (lambda d: _truncate(weight_file(d)),
+                              "'variables' item"),
+    'garbage weight file': (
+        lambda d: weight_file(d).write_bytes(
+            np.random.default_rng(0).bytes(weight_file(d).stat().st_size)),
+        "'variables' item"),
+    'flipped bytes': (lambda d: flip_bytes(weight_file(d)),
+                      'differ from the checksums saved with them'),
+    'truncated manifest.ocdbt': (
+        lambda d: _truncate(d / 'variables' / 'manifest.ocdbt'),
+        "'variables' item"),
+    'garbled data-iterator JSON': (
+        lambda d: next((d / 'data').glob('*.json')).write_text('{"next_ind'),
+        "'data' item"),
+}
+
+
+@pytest.mark.parametrize('damage', DAMAGE)
+def test_resume_passes_over_a_damaged_newest_step(tmp_path, caplog, damage):
+  """The older step comes back as saved (arrays, iterator, JSON item); the
+  damaged one is named in one warning line and moved aside, unchanged."""
+  states = _save_steps(tmp_path)
+  newest = tmp_path / checkpoints.CHECKPOINT_DIR / str(STEPS[-1])
+  damage_fn, reason = DAMAGE[damage]
+  damage_fn(newest)
+  damaged_files = _files(newest)
+  iterator = _data_iterator()
+  with checkpoints.create_manager(tmp_path) as manager:
+    with caplog.at_level(logging.WARNING):
+      step, restored = checkpoints.restore_newest_intact(
+          manager, _abstract(states[STEPS[0]]), optional=('loop',),
+          data=grain.checkpoint.CheckpointRestore(iterator))
+    assert manager.all_steps() == [STEPS[0]]
+  assert step == STEPS[0]
+  for name, tree in states[step].items():
+    jax.tree.map(np.testing.assert_array_equal, restored[name], tree)
+  assert restored['loop'] == {'step': step}
+  assert next(iterator) == step
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING and 'Checkpoint step' in
+              r.getMessage()]
+  assert len(warnings) == 1 and '\n' not in warnings[0]
+  assert f'step {STEPS[-1]} ' in warnings[0] and reason in warnings[0]
+  moved = tmp_path / checkpoints.CHECKPOINT_DIR / checkpoints.CORRUPT_DIR / str(
+      STEPS[-1])
+  assert f'moved to {moved}' in warnings[0]
+  assert _files(moved) == damaged_files
+
+
+def test_flipped_bytes_that_orbax_reads_silently_are_refused_for_evaluation(
+    tmp_path):
+  """Orbax alone restores the flipped weight without a word; evaluation of
+  'best' or 'latest' (here both the newest step) names the damaged step and
+  restores nothing else in its place, moving nothing."""
+  states = _save_steps(tmp_path)
+  newest = tmp_path / checkpoints.CHECKPOINT_DIR / str(STEPS[-1])
+  flip_bytes(weight_file(newest))
+  abstract_variables = _abstract(states[STEPS[-1]]['variables'])
+  with checkpoints.create_manager(tmp_path, read_only=True) as manager:
+    silent = manager.restore(STEPS[-1], args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(abstract_variables)))
+  assert not np.array_equal(silent['variables']['params']['kernel'],
+                            states[STEPS[-1]]['variables']['params']['kernel'])
+  for which in ('best', 'latest'):
+    with pytest.raises(checkpoints.CheckpointError) as error:
+      checkpoints.restore_variables(tmp_path, abstract_variables, which)
+    message = str(error.value)
+    assert f'step {STEPS[-1]} ' in message and f'{which!r}' in message
+    assert 'checksums' in message and '\n' not in message
+  assert sorted(p.name for p in newest.parent.iterdir()) == [
+      str(step) for step in STEPS]
+
+
+def test_a_config_that_matches_no_step_moves_nothing(tmp_path):
+  """Every step failing is not damage of every step: nothing is moved."""
+  states = _save_steps(tmp_path)
+  with checkpoints.create_manager(tmp_path) as manager:
+    with pytest.raises(checkpoints.CheckpointError,
+                       match='No checkpoint of the run restores'):
+      checkpoints.restore_newest_intact(
+          manager, _abstract(states[STEPS[0]], widen=2))
+    assert manager.all_steps() == list(STEPS)
+  assert not (tmp_path / checkpoints.CHECKPOINT_DIR /
+              checkpoints.CORRUPT_DIR).exists()
+
+
+def test_a_nonfinite_step_saved_without_checksums_is_passed_over(tmp_path):
+  """Steps saved before checksums existed restore unchecked, but a NaN state
+  (which older versions could save) is passed over."""
+  states = {step: _state(step) for step in STEPS}
+  states[STEPS[-1]]['variables']['params']['bias'][0] = np.nan
+  with checkpoints.create_manager(tmp_path) as manager:
+    for step, state in states.items():
+      manager.save(step, args=ocp.args.Composite(
+          **{name: ocp.args.StandardSave(tree) for name, tree in state.items()}
+      ), force=True)
+    manager.wait_until_finished()
+  with checkpoints.create_manager(tmp_path) as manager:
+    step, restored = checkpoints.restore_newest_intact(
+        manager, _abstract(states[STEPS[0]]))
+  assert step == STEPS[0]
+  for name, tree in states[step].items():
+    jax.tree.map(np.testing.assert_array_equal, restored[name], tree)
+  assert (tmp_path / checkpoints.CHECKPOINT_DIR / checkpoints.CORRUPT_DIR /
+          str(STEPS[-1])).is_dir()

@@ -1,15 +1,17 @@
 """End-to-end training: logs, checkpoints, resume, multi-device, multi-process."""
 
+import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
@@ -19,6 +21,7 @@ from selfreg_jax import checkpoints
 from selfreg_jax import distributed
 from selfreg_jax import train
 from selfreg_jax.models import create_model
+from test_checkpoints import flip_bytes, weight_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILE = ROOT / 'tests' / 'tiny_train_config.py'
@@ -38,9 +41,13 @@ def _events(workdir) -> event_accumulator.EventAccumulator:
   return accumulator
 
 
+def _scalars_by_step(workdir, tag) -> dict[int, float]:
+  return {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+          for e in _events(workdir).Tensors(tag)}
+
+
 def _scalar_series(workdir, tag) -> list[float]:
-  return [float(tensor_util.make_ndarray(e.tensor_proto))
-          for e in _events(workdir).Tensors(tag)]
+  return list(_scalars_by_step(workdir, tag).values())
 
 
 def _variables(workdir, config, which='latest'):
@@ -51,8 +58,11 @@ def _variables(workdir, config, which='latest'):
   return checkpoints.restore_variables(workdir, abstract, which)
 
 
-def _run_main(args, env=None, **kwargs) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, str(ROOT / 'main.py'), *args],
+def _run_main(args, env=None, launcher=(), **kwargs
+              ) -> subprocess.CompletedProcess:
+  """Runs main.py with `args`, under the `launcher` command if given."""
+  return subprocess.run([*launcher, sys.executable, str(ROOT / 'main.py'),
+                         *args],
                         cwd=ROOT, env=env or dict(os.environ),
                         capture_output=True, text=True, **kwargs)
 
@@ -102,6 +112,70 @@ def test_resume_reproduces_uninterrupted_run_bit_for_bit(tiny_demo_data_dir,
   np.testing.assert_array_equal(
       _scalar_series(tmp_path / 'straight', 'train/total'),
       _scalar_series(split_dir, 'train/total'))
+
+
+def test_a_run_resumed_past_a_damaged_step_ends_as_the_uninterrupted_run(
+    tiny_demo_data_dir, tmp_path, caplog):
+  """A run stops early on validation Dice. Its copy loses the stop step's
+  checkpoint to flipped bytes in a weight file (as if killed just after that
+  save, the disk then damaging it), so it resumes from the validation before
+  (its log interval half done) and must end as the uninterrupted run: the
+  same early stop (best Dice and validations without gain restored), the
+  same logged interval means across the resume point (the interval's earlier
+  steps restored), the same weights."""
+  config = _config(tiny_demo_data_dir, num_train_steps=16, eval_every_steps=2,
+                   early_stopping_patience=1, log_every_steps=3,
+                   checkpoint_every_steps=100, keep_checkpoints=10,
+                   image_summary_every_steps=0)
+  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+  train.train_and_evaluate(config, str(straight), 'train')
+  with checkpoints.create_manager(straight, read_only=True) as manager:
+    steps = manager.all_steps()
+  stop = steps[-1]
+  # Stopped early, after a validation that set the best Dice.
+  assert stop < config.num_train_steps and len(steps) >= 2
+  shutil.copytree(straight / checkpoints.CHECKPOINT_DIR,
+                  resumed / checkpoints.CHECKPOINT_DIR)
+  flip_bytes(weight_file(resumed / checkpoints.CHECKPOINT_DIR / str(stop)))
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(config, str(resumed), 'train')
+  warnings = [r.getMessage() for r in caplog.records
+              if f'Checkpoint step {stop} ' in r.getMessage()]
+  assert len(warnings) == 1 and checkpoints.CORRUPT_DIR in warnings[0]
+  with checkpoints.create_manager(resumed, read_only=True) as manager:
+    assert manager.all_steps() == steps
+  (a, step_a), (b, step_b) = (_variables(straight, config),
+                              _variables(resumed, config))
+  assert step_a == step_b == stop
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  for tag in ('train/total', 'val/mean_dice'):
+    logged = _scalars_by_step(resumed, tag)
+    assert logged, tag
+    assert logged == {step: value for step, value in
+                      _scalars_by_step(straight, tag).items()
+                      if step in logged}, tag
+
+
+def test_a_diverging_run_stops_and_leaves_no_nonfinite_array_on_disk(
+    tiny_demo_data_dir, tmp_path):
+  """Each step is checked before its state is saved: the NaN step stops the
+  run unsaved, with advice that fits a divergence."""
+  config = _config(tiny_demo_data_dir, num_train_steps=6,
+                   checkpoint_every_steps=1, log_every_steps=3,
+                   keep_checkpoints=10, image_summary_every_steps=0)
+  config.optimizer.learning_rate = 1e9
+  with pytest.raises(train.NonFiniteLossError,
+                     match='learning.rate.*grad_clip_norm.*data'):
+    train.train_and_evaluate(config, str(tmp_path), 'train')
+  saved = [d for d in (tmp_path / checkpoints.CHECKPOINT_DIR).iterdir()
+           if d.name.isdigit()]
+  assert saved
+  for step_dir in saved:
+    for item in ('variables', 'train'):
+      arrays = ocp.StandardCheckpointer().restore(step_dir / item)
+      for path, leaf in jax.tree.leaves_with_path(arrays):
+        assert np.isfinite(leaf).all(), (step_dir.name, item, path)
 
 
 @pytest.mark.parametrize('model', ['unet', 'swin_unet'])
@@ -206,3 +280,42 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_demo_data_dir,
   assert f'at step {saved}.' in resumed.stderr
   with checkpoints.create_manager(tmp_path, read_only=True) as manager:
     assert manager.latest_step() == saved + 2
+
+
+# RLIMIT_FSIZE of the disk-full run: above its event file and JSON items,
+# below the data files of its weights and optimizer state (0.3-1 MB for the
+# tiny UNet), whose writes then fail as on a full disk (EFBIG, not ENOSPC).
+# Set by util-linux's prlimit, not a preexec_fn: forking a multithreaded
+# (JAX) process to run Python code before exec may deadlock.
+FILE_SIZE_LIMIT = 256 * 1024
+
+
+def test_a_failed_save_stops_the_run_at_once_in_one_line(tiny_demo_data_dir,
+                                                         tmp_path):
+  """The save of step 15 fails in the background: the run stops before its
+  next save (step 30, where orbax would raise it), reporting the step and
+  the OS's reason in one line, none of orbax's tracebacks."""
+  # A copy of the session's compilation cache: the limit may cut its writes
+  # short too.
+  cache = tmp_path / 'cache'
+  shutil.copytree(os.environ['JAX_COMPILATION_CACHE_DIR'], cache)
+  workdir = tmp_path / 'run'
+  run = _run_main(_main_args('unet', workdir, tiny_demo_data_dir,
+                             '--mode=train', '--config.num_train_steps=30',
+                             '--config.checkpoint_every_steps=15',
+                             '--config.image_summary_every_steps=0'),
+                  env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache)),
+                  launcher=('prlimit', f'--fsize={FILE_SIZE_LIMIT}'),
+                  timeout=600)
+  assert run.returncode != 0
+  reports = [line for line in run.stderr.splitlines()
+             if 'Saving checkpoint step 15 ' in line]
+  assert len(reports) == 1, run.stderr[-3000:]
+  assert 'File too large' in reports[0]
+  assert 'step 30/' not in run.stderr
+  # None of orbax's log records (each tagged '[process=N]', most with a
+  # traceback) nor of the errors of its abandoned writes.
+  for noise in ('[process=', 'Event loop is closed', 'Exception ignored',
+                'exception was never retrieved', 'Traceback'):
+    assert noise not in run.stderr
+  assert not (workdir / checkpoints.CHECKPOINT_DIR / '15').exists()
