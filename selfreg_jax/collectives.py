@@ -33,7 +33,6 @@ import functools
 import json
 import math
 import re
-import sys
 import time
 from typing import Any, Iterable, Sequence
 
@@ -45,6 +44,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from selfreg_jax import cli
 from selfreg_jax import configuration
 from selfreg_jax import distributed
 from selfreg_jax import files
@@ -272,29 +272,25 @@ def summary_line(record: dict[str, Any]) -> str:
           f"{record['compile_s']:.1f} s")
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file (configs/*.py) whose train step to analyse.',
-    lock_config=True)
-_OUT = flags.DEFINE_string('out', None, 'JSON file for the record (written by '
-                           'process 0).')
-
-
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None:
+  config = flags.FLAGS.config
+  if config is None:
     raise app.UsageError('--config is required.')
   distributed.initialize()
-  try:
-    configuration.validate(_CONFIG.value, 'train')
-  except configuration.ConfigError as e:
-    sys.exit(f'{config_flags.get_config_filename(flags.FLAGS["config"])}: '
-             f'{e}')
-  record = analyse(_CONFIG.value)
+  configuration.validate(config, 'train')
+  record = analyse(config)
   print(summary_line(record), flush=True)
-  if _OUT.value and jax.process_index() == 0:
-    files.write_atomic(_OUT.value, json.dumps(record, indent=2).encode())
+  if flags.FLAGS.out and jax.process_index() == 0:
+    files.write_atomic(flags.FLAGS.out, json.dumps(record, indent=2).encode())
 
 
 if __name__ == '__main__':
-  app.run(main)
+  # Defined here, not at import: other modules define flags of these names.
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file (configs/*.py) whose train step to analyse.',
+      lock_config=True)
+  flags.DEFINE_string('out', None, 'JSON file for the record (written by '
+                      'process 0).')
+  cli.run_app(main)
