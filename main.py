@@ -11,12 +11,12 @@ cluster auto-detection on a Cloud TPU pod slice, under SLURM or Open MPI.
 """
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from selfreg_jax import host_memory
+from selfreg_jax import runtime
 
 if __name__ == '__main__':
   # Smaller XLA:CPU buffers on huge pages (restarts once), before the heavy
   # imports below.
-  host_memory.prepare_process()
+  runtime.prepare_process()
 
 import sys
 

@@ -12,7 +12,7 @@ fit, fixed_bytes + batch x marginal_bytes_per_image (the state and per-step
 constants, and what each image adds).
 
 The plan depends on the backend and its flags: run through `benchmarks.run`,
-the process has `main.py`'s settings (`host_memory.prepare_process`: on CPU,
+the process has `main.py`'s settings (`runtime.prepare_process`: on CPU,
 XLA's memory-minimising schedule). Smoke: the smoke models, batches 2 and 4
 only, whatever they take.
 """

@@ -44,7 +44,7 @@ import jax
 
 from benchmarks import settings as settings_lib
 from benchmarks import timing
-from selfreg_jax import host_memory
+from selfreg_jax import runtime
 
 # Suite name -> module with measurements(settings, earlier_records) and
 # summary_line(record).
@@ -167,5 +167,5 @@ def _save(results: dict[str, Any], path: pathlib.Path, start: float) -> None:
 
 if __name__ == '__main__':
   # Time what `main.py` runs: smaller XLA:CPU buffers on huge pages.
-  host_memory.prepare_process()
+  runtime.prepare_process()
   main()

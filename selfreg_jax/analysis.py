@@ -64,6 +64,7 @@ from selfreg_jax import evaluate
 from selfreg_jax import files
 from selfreg_jax import inference
 from selfreg_jax import input_pipeline
+from selfreg_jax import runtime
 from selfreg_jax import visualize
 from selfreg_jax.models import Features
 from selfreg_jax.models import create_model
@@ -409,6 +410,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  runtime.prepare_process()
   config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                   lock_config=True)
   flags.DEFINE_string('workdir', None, 'Run folder holding checkpoints/.')

@@ -20,12 +20,12 @@ once, by their start; XLA:CPU emits only synchronous ones.
 """
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from selfreg_jax import host_memory
+from selfreg_jax import runtime
 
 if __name__ == '__main__':
   # The process settings of main.py (they change XLA:CPU's program), before
   # JAX starts its backends.
-  host_memory.prepare_process()
+  runtime.prepare_process()
 
 import collections
 import dataclasses

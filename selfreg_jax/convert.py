@@ -46,6 +46,7 @@ from ml_collections import config_flags
 from selfreg_jax import checkpoints
 from selfreg_jax import cli
 from selfreg_jax import pretrained
+from selfreg_jax import runtime
 from selfreg_jax import torch_io
 from selfreg_jax.models import create_model
 
@@ -163,4 +164,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  runtime.prepare_process()
   cli.run_app(main)

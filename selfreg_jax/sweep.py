@@ -50,7 +50,7 @@ from selfreg_jax import cli
 from selfreg_jax import configuration
 from selfreg_jax import evaluate
 from selfreg_jax import files
-from selfreg_jax import host_memory
+from selfreg_jax import runtime
 from selfreg_jax import report
 
 SWEEP_FIELD = 'sweep'
@@ -261,9 +261,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # XLA:CPU's memory-minimising schedule and huge pages, as main.py (restarts
-  # once; before JAX starts).
-  host_memory.prepare_process()
+  # The process settings of main.py (restarts once; before JAX starts).
+  runtime.prepare_process()
   config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                   lock_config=True)
   flags.DEFINE_string('workdir', None, 'Sweep root: one folder per point.')

@@ -27,7 +27,14 @@ for path in (ROOT, ROOT / 'tests'):
   if str(path) not in sys.path:
     sys.path.insert(0, str(path))
 
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest
+
+from selfreg_jax import runtime
+
+# What the entry points set (the classic threefry scheme, ...), here for the
+# library code the tests run in this process and the processes they start.
+runtime.configure_libraries()
 
 
 # The umask the file-mode tests run under unless they choose one: the group

@@ -102,9 +102,9 @@ class DropPath(nn.Module):
   Sample i is kept with the draw of the module's key folded with i, a
   computation per sample: with the batch split over devices, each device
   draws its own samples' masks. (One draw of B values would not split: the
-  classic threefry scheme, which selfreg_jax selects, mixes counters across
-  the batch, and a sharded step then gathers and permutes them between
-  devices.)
+  classic threefry scheme, which the entry points select (runtime.py), mixes
+  counters across the batch, and a sharded step then gathers and permutes
+  them between devices.)
   """
   rate: float
 

@@ -1,5 +1,6 @@
-"""The entry points' process setup: XLA:CPU's memory-minimising schedule and
-the restart with glibc's huge-page tunable."""
+"""The entry points' process setup (selfreg_jax.runtime): XLA:CPU's
+memory-minimising schedule, the restart with glibc's huge-page tunable, and
+JAX's random-number scheme, set by the entry points and not by importing."""
 
 import os
 import pathlib
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from selfreg_jax import host_memory
+from selfreg_jax import runtime
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Prints the process id before and after the (possible) restart, and the
@@ -16,8 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = '''
 import os, sys
 print('start', os.getpid(), flush=True)
-from selfreg_jax import host_memory
-host_memory.restart_with_huge_pages()
+from selfreg_jax import runtime
+runtime.restart_with_huge_pages()
 print('tunables', os.environ.get('GLIBC_TUNABLES'), os.getpid())
 '''
 
@@ -32,8 +33,8 @@ def _run(**env_changes) -> list[str]:
 
 
 def _glibc_with_tunable() -> bool:
-  version = host_memory._glibc_version()  # pylint: disable=protected-access
-  return version is not None and version >= host_memory.MIN_GLIBC
+  version = runtime._glibc_version()  # pylint: disable=protected-access
+  return version is not None and version >= runtime.MIN_GLIBC
 
 
 def test_restarts_once_in_place_with_the_tunable():
@@ -41,7 +42,7 @@ def test_restarts_once_in_place_with_the_tunable():
   pid = lines[0].split()[1]
   if _glibc_with_tunable():
     assert lines[:3] == [f'start {pid}', f'start {pid}',
-                         f'tunables {host_memory.HUGE_PAGES_TUNABLE} {pid}']
+                         f'tunables {runtime.HUGE_PAGES_TUNABLE} {pid}']
   else:
     assert lines[:2] == [f'start {pid}', f'tunables None {pid}']
 
@@ -58,9 +59,9 @@ def test_tunables_set_by_the_user_are_kept_and_nothing_restarts():
 SCHEDULE_BATCH = 8
 TEMP_BYTES_SCRIPT = '''
 import functools, sys
-from selfreg_jax import host_memory
+from selfreg_jax import runtime
 if sys.argv[1] == 'memory':
-  host_memory.schedule_for_memory()
+  runtime.schedule_for_memory()
 import jax, optax
 sys.path.insert(0, 'tests')
 import tiny_configs, tiny_train_config
@@ -99,7 +100,7 @@ def _step_temp_bytes(schedules: tuple[str, ...]) -> list[int]:
   return temp_bytes
 
 
-@pytest.mark.skipif(host_memory.accelerator_plugin_installed(),
+@pytest.mark.skipif(runtime.accelerator_plugin_installed(),
                     reason='the schedule is added on CPU-only machines')
 def test_memory_schedule_shrinks_the_train_steps_temporary_buffer():
   # Measured: 97.9 MB with XLA:CPU's default schedule, 21.3 MB with it.
@@ -109,23 +110,51 @@ def test_memory_schedule_shrinks_the_train_steps_temporary_buffer():
 
 def test_schedule_flag_is_added_once_and_a_users_choice_is_kept(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=0')
-  host_memory.schedule_for_memory()
-  host_memory.schedule_for_memory()
+  runtime.schedule_for_memory()
+  runtime.schedule_for_memory()
   assert os.environ['XLA_FLAGS'] == (
-      f'--xla_backend_optimization_level=0 {host_memory.MEMORY_SCHEDULER_FLAG}')
-  users_choice = f'--{host_memory.SCHEDULER_OPTION}=true'
+      f'--xla_backend_optimization_level=0 {runtime.MEMORY_SCHEDULER_FLAG}')
+  users_choice = f'--{runtime.SCHEDULER_OPTION}=true'
   monkeypatch.setenv('XLA_FLAGS', users_choice)
-  host_memory.schedule_for_memory()
+  runtime.schedule_for_memory()
   assert os.environ['XLA_FLAGS'] == users_choice
   monkeypatch.delenv('XLA_FLAGS')
-  host_memory.schedule_for_memory()
-  assert os.environ['XLA_FLAGS'] == host_memory.MEMORY_SCHEDULER_FLAG
+  runtime.schedule_for_memory()
+  assert os.environ['XLA_FLAGS'] == runtime.MEMORY_SCHEDULER_FLAG
 
 
 def test_schedule_flag_is_left_out_where_an_accelerator_plugin_is_installed(
     monkeypatch):
-  monkeypatch.setattr(host_memory, 'accelerator_plugin_installed',
+  monkeypatch.setattr(runtime, 'accelerator_plugin_installed',
                       lambda: True)
   monkeypatch.delenv('XLA_FLAGS', raising=False)
-  host_memory.schedule_for_memory()
+  runtime.schedule_for_memory()
   assert 'XLA_FLAGS' not in os.environ
+
+
+# Prints jax_threefry_partitionable after importing the library, and after the
+# entry points' configure_libraries (in this process and in a child).
+THREEFRY_SCRIPT = '''
+import subprocess, sys
+import jax
+from selfreg_jax import runtime, train  # noqa: F401  (the library's imports)
+print(jax.config.jax_threefry_partitionable)
+runtime.configure_libraries()
+print(jax.config.jax_threefry_partitionable)
+child = 'import jax; print(jax.config.jax_threefry_partitionable)'
+print(subprocess.run([sys.executable, '-c', child], capture_output=True,
+                     text=True, check=True).stdout.strip())
+'''
+
+
+def test_importing_the_library_changes_no_setting_the_entry_points_do():
+  """JAX's default (partitionable threefry, since jax 0.5) survives importing
+  the library; configure_libraries selects the classic scheme, which the
+  processes it starts inherit."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('JAX_THREEFRY_PARTITIONABLE', 'TF_ENABLE_ONEDNN_OPTS')}
+  env['PYTHONPATH'] = str(ROOT)
+  result = subprocess.run([sys.executable, '-c', THREEFRY_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=120,
+                          check=True)
+  assert result.stdout.split() == ['True', 'False', 'False']
