@@ -112,7 +112,7 @@ def make_predict_fn(model: nn.Module, mesh: jax.sharding.Mesh):
       raise ValueError(
           f'predict expects images (N, S, S, C) with N a multiple of the '
           f'{mesh.size} devices of the mesh, got shape {images.shape}; pad '
-          'the batch (see predict_slices).')
+          'the batch (as predict_volume and predict_images do).')
     if isinstance(images, np.ndarray):
       images = jax.make_array_from_callback(
           images.shape, images_sharding, lambda index: images[index])
@@ -197,30 +197,6 @@ def _chunks(count: int, batch_size: int) -> Iterator[range]:
   """Index ranges [0, b), [b, 2b), ... covering range(count)."""
   for start in range(0, count, batch_size):
     yield range(start, min(start + batch_size, count))
-
-
-def predict_slices(predict_fn, variables: Any, images: np.ndarray,
-                   batch_size: int) -> np.ndarray:
-  """Predicts images already at the model's size, `batch_size` at a time.
-
-  Args:
-    predict_fn: from `make_predict_fn`.
-    variables: model variables.
-    images: (N, S, S, C) float32.
-    batch_size: fixed batch size, a multiple of the mesh's device count
-      (see `round_up_batch_size`); the last batch is zero-padded to it.
-
-  Returns:
-    (N, S, S) uint8 class ids.
-  """
-  if images.ndim != 4 or not len(images):
-    raise ValueError(f'predict_slices expects (N, S, S, C) images with N >= 1,'
-                     f' got shape {images.shape}.')
-  return _predict_chunks(
-      predict_fn, variables,
-      (images[rows.start:rows.stop] for rows in _chunks(len(images),
-                                                        batch_size)),
-      batch_size)
 
 
 def predict_volume(predict_fn, variables: Any, image: np.ndarray,

@@ -321,14 +321,6 @@ def torch_names(variables: Mapping[str, Any],
   return names
 
 
-def torch_shapes(variables: Mapping[str, Any],
-                 model_name: str) -> dict[str, tuple[int, ...]]:
-  """PyTorch name -> PyTorch shape of every variable (arrays or abstract)."""
-  flat = traverse_util.flatten_dict(variables)
-  return {name: torch_shape(path, flat[path].shape)
-          for name, path in torch_names(variables, model_name).items()}
-
-
 def _strip_prefix(state_dict: Mapping[str, np.ndarray],
                   prefix: str | None) -> StateDict:
   """Removes `prefix` from the names that carry it."""

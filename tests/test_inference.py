@@ -102,16 +102,19 @@ def test_batched_prediction_equals_one_slice_at_a_time(unet):
   model, variables = unet
   predict_fn = inference.make_predict_fn(model, make_mesh())
   images = _images(BATCH_SIZE + 1, IMAGE_SIZE, IMAGE_SIZE)
-  batched = inference.predict_slices(predict_fn, variables, images, BATCH_SIZE)
-  one_by_one = inference.predict_slices(predict_fn, variables, images, 1)
+  # Images at the model's size: predict_volume resizes nothing.
+  batched = inference.predict_volume(predict_fn, variables, images, IMAGE_SIZE,
+                                     BATCH_SIZE)
+  one_by_one = inference.predict_volume(predict_fn, variables, images,
+                                        IMAGE_SIZE, 1)
   assert batched.shape == (len(images), IMAGE_SIZE, IMAGE_SIZE)
   assert batched.dtype == np.uint8
   np.testing.assert_array_equal(batched, one_by_one)
   # The random model does not predict one class everywhere.
   assert len(np.unique(batched)) > 1
   # Padding does not leak into the predictions: each slice alone agrees.
-  alone = inference.predict_slices(predict_fn, variables, images[-1:],
-                                   BATCH_SIZE)
+  alone = inference.predict_volume(predict_fn, variables, images[-1:],
+                                   IMAGE_SIZE, BATCH_SIZE)
   np.testing.assert_array_equal(alone[0], batched[-1])
 
 
@@ -142,8 +145,8 @@ def test_predict_volume_returns_native_size(unet):
     assert prediction.dtype == np.uint8
     # Same as predicting the resized slices and resizing the maps back.
     resized = np.stack([inference.resize_image(s, IMAGE_SIZE) for s in volume])
-    at_model_size = inference.predict_slices(predict_fn, variables, resized,
-                                             BATCH_SIZE)
+    at_model_size = inference.predict_volume(predict_fn, variables, resized,
+                                             IMAGE_SIZE, BATCH_SIZE)
     np.testing.assert_array_equal(prediction, np.stack(
         [inference.resize_labels(p, (height, width)) for p in at_model_size]))
 
@@ -175,7 +178,8 @@ def test_predict_images_resizes_images_and_labels(unet):
   resized = np.stack([inference.resize_image(i, IMAGE_SIZE) for i in images])
   np.testing.assert_array_equal(
       predictions,
-      inference.predict_slices(predict_fn, variables, resized, BATCH_SIZE))
+      inference.predict_volume(predict_fn, variables, resized, IMAGE_SIZE,
+                               BATCH_SIZE))
   for label, resized_label in zip(labels, resized_labels):
     np.testing.assert_array_equal(
         resized_label, inference.resize_labels(label, (IMAGE_SIZE,) * 2))
@@ -213,9 +217,9 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     results = []
     for devices in (1, {devices}):
       predict_fn = inference.make_predict_fn(model, t.make_mesh(devices))
-      results.append(inference.predict_slices(
+      results.append(inference.predict_volume(
           predict_fn, inference.replicate(variables, t.make_mesh(devices)),
-          images, t.BATCH_SIZE))
+          images, t.IMAGE_SIZE, t.BATCH_SIZE))
     np.testing.assert_array_equal(results[0], results[1])
     try:
       predict_fn(variables, images[:{devices} + 1])
