@@ -38,7 +38,6 @@ The same figures and numbers go to TensorBoard (clu metric_writers) in
 """
 
 import io
-import json
 import pathlib
 from typing import Any, Callable
 
@@ -71,7 +70,6 @@ from selfreg_jax.models import create_model
 
 ANALYSIS_DIR = 'analysis'
 # NaN (e.g. the similarity of a one-channel tap) -> null.
-json_safe = evaluate.json_safe  # pylint: disable=protected-access
 # A module call: (module path, index of this call of that module).
 CallKey = tuple[tuple[str, ...], int]
 
@@ -250,13 +248,6 @@ def gradcam_overlay(image: np.ndarray, cam: np.ndarray,
   return (1 - alpha) * visualize.to_rgb(image) + alpha * heat
 
 
-def figure_png(figure: mpl_figure.Figure) -> bytes:
-  """The PNG bytes of a matplotlib figure (no pyplot, no display needed)."""
-  buffer = io.BytesIO()
-  figure.savefig(buffer, format='png', dpi=100, bbox_inches='tight')
-  return buffer.getvalue()
-
-
 def _panel_grid(count: int, size: float = 2.6):
   columns = min(count, 4)
   rows = -(-count // columns)
@@ -285,7 +276,7 @@ def gradcam_figure(image: np.ndarray, truth: np.ndarray,
     axis.set_xticks([])
     axis.set_yticks([])
   figure.suptitle(title, fontsize=10)
-  return figure_png(figure)
+  return files.figure_png(figure)
 
 
 def similarity_figure(matrices: dict[str, np.ndarray],
@@ -299,7 +290,7 @@ def similarity_figure(matrices: dict[str, np.ndarray],
     axis.set_yticks([])
   figure.colorbar(shown, ax=axes, shrink=0.6)
   figure.suptitle(title, fontsize=10)
-  return figure_png(figure)
+  return files.figure_png(figure)
 
 
 def _png_array(png: bytes) -> np.ndarray:
@@ -379,9 +370,7 @@ def analyze_case(config: ml_collections.ConfigDict,
   files.write_atomic(out_dir / 'gradcam.png', gradcam_png)
   files.write_atomic(out_dir / 'similarity.png', similarity_png)
   files.write_atomic(out_dir / 'maps.npz', arrays.getvalue())
-  files.write_atomic(
-      out_dir / 'analysis.json',
-      (json.dumps(json_safe(numbers), indent=2) + '\n').encode())
+  files.write_json(out_dir / 'analysis.json', numbers)
 
   prefix = f'{split}/{case_id}/class{class_id}'
   writer = metric_writers.create_default_writer(workdir / ANALYSIS_DIR)

@@ -30,7 +30,6 @@ if __name__ == '__main__':
 import collections
 import dataclasses
 import functools
-import json
 import math
 import re
 import time
@@ -283,7 +282,7 @@ def main(argv: Sequence[str]) -> None:
   record = analyse(config)
   print(summary_line(record), flush=True)
   if flags.FLAGS.out and jax.process_index() == 0:
-    files.write_atomic(flags.FLAGS.out, json.dumps(record, indent=2).encode())
+    files.write_json(flags.FLAGS.out, record)
 
 
 if __name__ == '__main__':

@@ -36,8 +36,6 @@ import dataclasses
 import gzip
 import io
 import itertools
-import json
-import math
 import pathlib
 import time
 from typing import Any, Iterable, Iterator, Sequence
@@ -228,8 +226,7 @@ def evaluate_cases(config: ml_collections.ConfigDict, model, variables: Any,
   if writes:
     _write_text(out_dir / METRICS_FILE,
                 _per_case_csv(case_ids, case_metrics, names))
-    _write_text(out_dir / SUMMARY_FILE,
-                json.dumps(json_safe(summary), indent=2) + '\n')
+    files.write_json(out_dir / SUMMARY_FILE, summary)
     _write_text(out_dir / TABLE_FILE, table + '\n')
   summary['table'] = table
   return summary
@@ -383,17 +380,6 @@ def _per_case_csv(case_ids: Sequence[str],
       writer.writerow([case_id, k + 1, name] + [
           repr(float(result.values[m][k])) for m in metrics.METRIC_NAMES])
   return buffer.getvalue()
-
-
-def json_safe(value: Any) -> Any:
-  """`value` with NaN floats replaced by None (JSON has no NaN)."""
-  if isinstance(value, dict):
-    return {k: json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [json_safe(v) for v in value]
-  if isinstance(value, float) and math.isnan(value):
-    return None
-  return value
 
 
 # ----------------------------------------------------------------------------

@@ -1,8 +1,13 @@
-"""Writing result files whole, with the permissions the user's umask gives."""
+"""Writing result files whole, with the permissions the user's umask gives:
+bytes, JSON and figures."""
 
+import io
+import json
+import math
 import os
 import pathlib
 import secrets
+from typing import Any
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -24,3 +29,26 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
   except BaseException:
     os.unlink(temporary)
     raise
+
+
+def json_safe(value: Any) -> Any:
+  """`value` with NaN floats replaced by None (JSON has no NaN)."""
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, float) and math.isnan(value):
+    return None
+  return value
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+  """Writes `value` as indented JSON (NaN as null), atomically."""
+  write_atomic(path, (json.dumps(json_safe(value), indent=2) + '\n').encode())
+
+
+def figure_png(figure) -> bytes:
+  """The PNG bytes of a matplotlib Figure (no pyplot, no display needed)."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format='png', dpi=100, bbox_inches='tight')
+  return buffer.getvalue()

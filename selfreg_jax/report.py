@@ -47,7 +47,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from scipy import stats
 
-from selfreg_jax import analysis
 from selfreg_jax import checkpoints
 from selfreg_jax import cli
 from selfreg_jax import evaluate
@@ -432,7 +431,7 @@ def dice_plot(arms: Sequence[Arm], x_key: str | None) -> bytes:
       axis.legend(fontsize=7)
   axis.set_ylabel('mean Dice (%), mean ± std over seeds')
   axis.grid(alpha=0.3, axis='y')
-  return analysis.figure_png(figure)
+  return files.figure_png(figure)
 
 
 def write_report(roots: Sequence[str | pathlib.Path],

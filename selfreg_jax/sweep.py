@@ -170,7 +170,7 @@ def _record_point(root: pathlib.Path, name: str, status: str,
   entry = record.setdefault(name, {'status': status, 'seconds': 0.0})
   entry['status'] = status
   entry['seconds'] = round(entry['seconds'] + seconds, 1)
-  files.write_atomic(path, (json.dumps(record, indent=1) + '\n').encode())
+  files.write_json(path, record)
 
 
 def run_sweep(config: ml_collections.ConfigDict, root: str | pathlib.Path,

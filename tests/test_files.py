@@ -1,5 +1,6 @@
 """Tests for selfreg_jax.files: whole-file writes with the umask's mode."""
 
+import json
 import os
 
 import pytest
@@ -35,3 +36,17 @@ def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path,
     files.write_atomic(path, NEW)
   assert path.read_bytes() == OLD
   assert os.listdir(tmp_path) == [path.name]
+
+
+def test_write_json_writes_nan_as_null(tmp_path, umask):
+  path = tmp_path / 'summary.json'
+  files.write_json(path, {'dice': float('nan'), 'cases': [1.5, float('nan')]})
+  assert json.loads(path.read_text()) == {'dice': None, 'cases': [1.5, None]}
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_figure_png_renders_a_figure_without_pyplot():
+  from matplotlib import figure as mpl_figure  # pylint: disable=g-import-not-at-top
+  figure = mpl_figure.Figure(figsize=(2, 1))
+  figure.subplots().plot([0, 1], [1, 0])
+  assert files.figure_png(figure).startswith(b'\x89PNG\r\n\x1a\n')
