@@ -89,7 +89,12 @@ def open_dataset(
     raise FileNotFoundError(
         f'{dataset_root}: data set {name!r} is not built; build it with '
         f'`python -m data_prep.build {short_name}{src} --out {data_dir}`.')
-  return tfds.builder(name, data_dir=str(data_dir))
+  # Read from the folder (the newest version), never through the builder
+  # class: a data_prep builder class, registered once data_prep.builders is
+  # imported, plans a build from its source folder when constructed.
+  newest = max(built, key=lambda path: tuple(
+      int(part) for part in path.parent.name.split('.')))
+  return tfds.builder_from_directory(str(newest.parent))
 
 
 def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
