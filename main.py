@@ -49,7 +49,8 @@ def main(argv):
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode,
+                             cli.config_overrides())
   except (checkpoints.CheckpointError, train.NonFiniteLossError) as e:
     # A damaged checkpoint, a failed save (e.g. a full disk) or a diverged
     # run: the message says what and what to do; a traceback adds nothing.
