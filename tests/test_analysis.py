@@ -1,6 +1,7 @@
 """Grad-CAM and channel similarity of the feature taps."""
 
 import functools
+import io
 import json
 import pathlib
 import subprocess
@@ -194,3 +195,23 @@ def test_cli_analyses_the_checkpoints_model_quietly_and_refuses_other_widths(
       f'error: --config.model.widths={tuple(file_widths)!r} differs from the '
       f'model the checkpoints in {tmp_path} were saved with (widths='
       f'{config.model.widths!r}); drop the override to use that model.']
+
+
+def test_gradcam_figure_keeps_the_image_aspect():
+  """A wide image gives panels three times as wide as high, not squares."""
+  height, width = 20, 60
+  image = np.random.default_rng(0).random((height, width, 1), np.float32)
+  truth = np.zeros((height, width), bool)
+  truth[5:15, 10:40] = True
+  shapes = {}
+  sizes = {'wide': (height, width), 'square': (width, width)}
+  for name, (h, w) in sizes.items():
+    png = analysis.gradcam_figure(
+        np.resize(image, (h, w, 1)), np.resize(truth, (h, w)), 1,
+        {'final': np.ones((h, w), np.float32)}, 'title')
+    shapes[name] = np.asarray(Image.open(io.BytesIO(png))).shape
+  wide_h, wide_w, _ = shapes['wide']
+  square_h, square_w, _ = shapes['square']
+  assert wide_w == pytest.approx(square_w, rel=0.05)
+  # Two panels of 1 x 1/3 (plus titles) against two of 1 x 1.
+  assert wide_h < 0.6 * square_h
