@@ -23,7 +23,6 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from selfreg_jax import checkpoints
@@ -44,12 +43,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   distributed.initialize()
-  logging.info('JAX process %d/%d, %d local / %d global devices (%s).',
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode,
+                             cli.config_overrides())
   except (checkpoints.CheckpointError, train.NonFiniteLossError) as e:
     # A damaged checkpoint, a failed save (e.g. a full disk) or a diverged
     # run: the message says what and what to do; a traceback adds nothing.

@@ -55,6 +55,15 @@ def get_config(dataset: str = 'demo', model: str = 'unet'
                ) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # How the tested model is chosen (README, "Training and evaluation"):
+  # 'validated': validate on the data set's 'validation' split (held out of
+  #   training) every eval_every_steps; eval.checkpoint 'best' is the step of
+  #   the highest validation Dice;
+  # 'paper': train on every training case of a set built without validation
+  #   split (`data_prep.build ... --val-cases 0`), never validate, and test
+  #   the checkpoint the public script tests (eval.checkpoint 'epoch:N',
+  #   'latest' or a step; that step is saved and kept).
+  config.protocol = 'validated'
   config.dataset = dataset_config(dataset)
   config.model = model_config(model, config.dataset)
   # Computation dtype: 'float32' or 'bfloat16' (parameters stay float32).
@@ -107,7 +116,9 @@ def get_config(dataset: str = 'demo', model: str = 'unet'
 
   config.eval = ml_collections.ConfigDict(dict(
       split='test',             # split of `--mode eval`
-      checkpoint='best',        # 'best', 'latest' or a step number
+      # 'best', 'latest', a step number, or 'epoch:N': the step ending the
+      # N-th epoch (N >= 1; a public script's 0-based epoch_{N-1}.pth).
+      checkpoint='best',
       metric_mode='paper',      # 'paper' (published convention) or 'standard'
       batch_size=32,            # slices per inference batch (global)
       save_predictions=False,   # NIfTI predictions of 3D cases

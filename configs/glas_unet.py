@@ -1,11 +1,16 @@
 """UNet + SelfReg on GlaS (UCTransNet protocol: Adam lr 1e-3, cosine warm
-restarts, batch 4, Dice+BCE 0.5/0.5, early stopping on validation Dice)."""
+restarts, batch 4, Dice+BCE 0.5/0.5, early stopping on validation Dice).
+
+Protocol 'validated': UCTransNet stops early on validation Dice and tests the
+best validation checkpoint, so the set needs its validation split.
+"""
 
 from configs import base
 
 
 def get_config(dataset: str = 'glas', model: str = 'unet'):
   config = base.get_config(dataset=dataset, model=model)
+  config.protocol = 'validated'
   config.optimizer.update(name='adam', learning_rate=1e-3,
                           schedule='cosine_restarts', restart_epochs=10,
                           min_learning_rate=1e-4)

@@ -25,8 +25,9 @@ zero is dS/dA, the total derivative through everything downstream of the tap.
 
 Files, in `RUN/analysis/<split>_<case>_class<K>_step<N>/` (each written to a
 temporary name, then renamed):
-  gradcam.png     the input slice with the truth contour of class K, then one
-                  Grad-CAM overlay per tap (upsampled bilinearly to the input)
+  gradcam.png     the input slice with class K's truth in its translucent
+                  colour, then one Grad-CAM overlay per tap (upsampled
+                  bilinearly), all at the case's own size and aspect
   similarity.png  one similarity matrix per tap, titled with its mean
                   off-diagonal similarity
   analysis.json   per tap: shape, mean off-diagonal similarity, Grad-CAM
@@ -39,7 +40,7 @@ The same figures and numbers go to TensorBoard (clu metric_writers) in
 
 import io
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from absl import app
 from absl import flags
@@ -54,9 +55,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
-from selfreg_jax import checkpoints
 from selfreg_jax import cli
 from selfreg_jax import configuration
 from selfreg_jax import evaluate
@@ -66,7 +65,6 @@ from selfreg_jax import input_pipeline
 from selfreg_jax import runtime
 from selfreg_jax import visualize
 from selfreg_jax.models import Features
-from selfreg_jax.models import create_model
 
 ANALYSIS_DIR = 'analysis'
 # NaN (e.g. the similarity of a one-channel tap) -> null.
@@ -234,9 +232,9 @@ def pick_slice(label: np.ndarray, class_id: int) -> int:
   return int(np.argmax(counts)) if counts.max() > 0 else len(label) // 2
 
 
-def upsample(cam: np.ndarray, size: int) -> np.ndarray:
-  """(h, w) map -> (size, size), bilinear."""
-  return np.asarray(jax.image.resize(cam, (size, size), 'bilinear'))
+def upsample(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+  """(h, w) map -> `shape` (H, W), bilinear."""
+  return np.asarray(jax.image.resize(cam, shape, 'bilinear'))
 
 
 def gradcam_overlay(image: np.ndarray, cam: np.ndarray,
@@ -248,26 +246,29 @@ def gradcam_overlay(image: np.ndarray, cam: np.ndarray,
   return (1 - alpha) * visualize.to_rgb(image) + alpha * heat
 
 
-def _panel_grid(count: int, size: float = 2.6):
+def _panel_grid(count: int, aspect: float = 1.0, size: float = 2.6):
+  """A figure of `count` panels of `size` inches wide, height / width =
+  `aspect`, in rows of up to 4."""
   columns = min(count, 4)
   rows = -(-count // columns)
-  figure = mpl_figure.Figure(figsize=(size * columns, size * rows))
+  figure = mpl_figure.Figure(figsize=(size * columns,
+                                      (size * aspect + 0.4) * rows))
   axes = figure.subplots(rows, columns, squeeze=False)
   for axis in axes.flat[count:]:
     axis.axis('off')
   return figure, list(axes.flat)
 
 
-def gradcam_figure(image: np.ndarray, truth: np.ndarray,
+def gradcam_figure(image: np.ndarray, truth: np.ndarray, class_id: int,
                    cams: dict[str, np.ndarray], title: str) -> bytes:
-  """PNG: the input with the class's truth contour, then one overlay per tap.
+  """PNG: the input with the class's truth in its translucent colour, then
+  one overlay per tap, all at the image's own size and aspect.
 
-  image: (S, S, C); truth: (S, S) bool; cams: tap -> (S, S) upsampled map.
+  image: (H, W, C); truth: (H, W) bool; cams: tap -> (H, W) upsampled map.
   """
-  figure, axes = _panel_grid(len(cams) + 1)
-  rgb = visualize.to_rgb(image)
-  edge = truth & ~ndimage.binary_erosion(truth)
-  axes[0].imshow(np.where(edge[..., None], visualize.PALETTE[1], rgb))
+  height, width = truth.shape
+  figure, axes = _panel_grid(len(cams) + 1, aspect=height / width)
+  axes[0].imshow(visualize.overlay(image, np.where(truth, class_id, 0)))
   axes[0].set_title('input + truth', fontsize=9)
   for axis, (name, cam) in zip(axes[1:], cams.items()):
     axis.imshow(gradcam_overlay(image, cam))
@@ -324,23 +325,27 @@ def check_class(config: ml_collections.ConfigDict, class_id: int) -> None:
 
 def analyze_case(config: ml_collections.ConfigDict,
                  workdir: str | pathlib.Path, case_id: str, class_id: int,
-                 split: str = 'test', which: str = 'best') -> pathlib.Path:
-  """Runs the analysis of the module docstring; returns its output folder."""
-  check_class(config, class_id)
+                 split: str = 'test', which: str = 'best',
+                 overridden: Collection[str] = ()) -> pathlib.Path:
+  """Runs the analysis of the module docstring; returns its output folder.
+
+  The model is the checkpoints' own (`evaluate.restore_checkpoint`; a model
+  field in `overridden`, the command line's config keys, must equal it).
+  """
   workdir = pathlib.Path(workdir)
-  model = create_model(config.model, dtype=jnp.dtype(config.dtype))
-  mesh = inference.data_mesh()
-  variables, step = checkpoints.restore_variables(
-      workdir, evaluate.abstract_variables(config, model, mesh), which)
+  restored = evaluate.restore_checkpoint(config, workdir, which, overridden)
+  config, model, step = restored.config, restored.model, restored.step
+  check_class(config, class_id)
   case = find_case(config, split, case_id)
   index = pick_slice(case.label, class_id)
-  size = config.dataset.image_size
-  image = inference.resize_image(case.image[index], size)
-  truth = inference.resize_labels(case.label[index], (size, size)) == class_id
+  image = case.image[index]  # (H, W, C) at the case's own size
+  truth = case.label[index] == class_id
+  model_input = inference.resize_image(image, config.dataset.image_size)
 
   # One image on one device: host copies of the (replicated) variables.
-  score, taps, grads = tap_gradients(model, jax.device_get(variables),
-                                     jnp.asarray(image[None]), class_id)
+  score, taps, grads = tap_gradients(
+      model, jax.device_get(restored.variables),
+      jnp.asarray(model_input[None]), class_id)
   cams = {name: np.asarray(grad_cam(taps[name], grads[name])) for name in taps}
   matrices = {name: np.asarray(channel_similarity(tap))
               for name, tap in taps.items()}
@@ -348,12 +353,13 @@ def analyze_case(config: ml_collections.ConfigDict,
 
   names = evaluate.class_names(config.dataset)
   class_name = names[class_id - 1] if class_id > 0 else 'background'
-  title = (f'{case_id} slice {index}, class {class_id} ({class_name}), '
-           f'step {step}')
+  where = f'{case_id} slice {index}' if config.dataset.volumetric else case_id
+  title = f'{where}, class {class_id} ({class_name}), step {step}'
   out_dir = (workdir / ANALYSIS_DIR /
              f'{split}_{case_id}_class{class_id}_step{step}')
   gradcam_png = gradcam_figure(
-      image, truth, {n: upsample(c, size) for n, c in cams.items()}, title)
+      image, truth, class_id,
+      {n: upsample(c, truth.shape) for n, c in cams.items()}, title)
   similarity_png = similarity_figure(matrices, means, title)
   numbers = dict(
       case_id=case_id, split=split, slice_index=index, class_id=class_id,
@@ -395,7 +401,8 @@ def main(argv):
   configuration.validate(config, 'eval')
   analyze_case(config, FLAGS.workdir, FLAGS.case, FLAGS['class'].value,
                FLAGS.split or config.eval.split,
-               FLAGS.checkpoint or str(config.eval.checkpoint))
+               FLAGS.checkpoint or str(config.eval.checkpoint),
+               cli.config_overrides())
 
 
 if __name__ == '__main__':

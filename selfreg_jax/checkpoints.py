@@ -29,7 +29,7 @@ import os
 import pathlib
 import shutil
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 import zlib
 
 from absl import logging
@@ -46,6 +46,8 @@ CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt'
 CHECKSUMS_ITEM = 'checksums'
 BEST_METRIC = 'val_dice'
+# Checkpoint choice 'epoch:N': the step ending the N-th epoch.
+EPOCH_PREFIX = 'epoch:'
 # Reasons quoted from orbax / TensorStore errors are cut to about this many
 # characters (their messages can embed whole TensorStore specs).
 _MAX_REASON_CHARS = 300
@@ -129,12 +131,15 @@ def _ignore_abandoned_io() -> None:
 
 
 def create_manager(workdir: str | pathlib.Path, *, keep_last: int = 3,
-                   keep_best: bool = True,
+                   keep_best: bool = True, keep_steps: Sequence[int] = (),
                    read_only: bool = False) -> ocp.CheckpointManager:
-  """A CheckpointManager keeping the last `keep_last` steps and the best one."""
+  """A CheckpointManager keeping the last `keep_last` steps, the best one and
+  `keep_steps` (e.g. the fixed epoch a protocol evaluates)."""
   _save_arrays_whole()
   _ignore_abandoned_io()
   policies = [checkpoint_managers.LatestN(keep_last)]
+  if keep_steps:
+    policies.append(checkpoint_managers.CustomSteps(list(keep_steps)))
   if keep_best:
     policies.append(checkpoint_managers.BestN(
         get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
@@ -444,11 +449,28 @@ def close(manager: ocp.CheckpointManager) -> None:
     pass
 
 
-def select_step(manager: ocp.CheckpointManager, which: str) -> int:
-  """The step to evaluate: 'latest', 'best' or a step number as a string.
+def selected_epoch(which: str) -> int | None:
+  """N of a checkpoint choice 'epoch:N' (after N whole epochs), else None.
+
+  Raises:
+    UserError: 'epoch:' followed by anything but a number >= 1.
+  """
+  if not which.startswith(EPOCH_PREFIX):
+    return None
+  number = which[len(EPOCH_PREFIX):]
+  if not number.isdigit() or int(number) < 1:
+    raise cli.UserError(f'checkpoint {which!r}: write {EPOCH_PREFIX}N with '
+                        'N >= 1 whole epochs.')
+  return int(number)
+
+
+def select_step(manager: ocp.CheckpointManager, which: str,
+                steps_per_epoch: int | None = None) -> int:
+  """The step to evaluate: 'latest', 'best', 'epoch:N' or a step number.
 
   'best' is the step with the highest validation Dice; a run never
   validated (e.g. a converted checkpoint) has none, and gets its latest step.
+  'epoch:N' is step N * steps_per_epoch, the end of the N-th epoch.
   """
   steps = manager.all_steps()
   if not steps:
@@ -459,6 +481,16 @@ def select_step(manager: ocp.CheckpointManager, which: str) -> int:
   if which == 'best':
     best = manager.best_step()
     return manager.latest_step() if best is None else best
+  epoch = selected_epoch(which)
+  if epoch is not None:
+    if steps_per_epoch is None:
+      raise ValueError(f'checkpoint {which!r} needs steps_per_epoch.')
+    if epoch * steps_per_epoch in steps:
+      return epoch * steps_per_epoch
+    raise cli.UserError(
+        f'checkpoint {which!r} (step {epoch} x {steps_per_epoch} = '
+        f'{epoch * steps_per_epoch}) not found in {manager.directory}; it '
+        f'holds steps {sorted(steps)}.')
   if which.isdigit() and int(which) in steps:
     return int(which)
   raise cli.UserError(
@@ -466,12 +498,92 @@ def select_step(manager: ocp.CheckpointManager, which: str) -> int:
       f"choose 'latest', 'best' or one of {sorted(steps)}.")
 
 
+def stored_config(workdir: str | pathlib.Path,
+                  which: str = 'latest') -> ml_collections.ConfigDict | None:
+  """The config saved with a checkpoint of a run ('latest', 'best' or a step
+  number); None when that step holds none (e.g. saved by an old version).
+
+  Raises:
+    FileNotFoundError: the run has no checkpoint.
+    CheckpointError: the config does not restore (damaged).
+  """
+  with create_manager(workdir, read_only=True) as manager:
+    step = select_step(manager, which)
+    restored = restore_step(manager, step, {}, optional=('config',))
+  if 'config' not in restored:
+    return None
+  return ml_collections.ConfigDict(restored['config'])
+
+
+def _as_config_value(value: Any) -> Any:
+  """JSON's lists back to the tuples configs hold (comparable, hashable)."""
+  if isinstance(value, list):
+    return tuple(map(_as_config_value, value))
+  return value
+
+
+def with_stored_model(config: ml_collections.ConfigDict,
+                      stored: ml_collections.ConfigDict | None,
+                      workdir: str | pathlib.Path,
+                      overridden: Collection[str] = ()
+                      ) -> ml_collections.ConfigDict:
+  """`config` with the model the run's checkpoints were saved with.
+
+  Evaluating a run needs its model's shape, which the config file may not
+  give (e.g. a run trained with `--config.model.widths=...`): config.model
+  becomes the saved model config, and so does config.dataset.image_size, the
+  size that model was trained at, unless overridden.
+
+  Args:
+    config: the config of the command.
+    stored: `stored_config(workdir)` (a run's model is the same at every
+      step: resuming restores them); None leaves `config` as it is.
+    workdir: the run's folder (named in messages).
+    overridden: dotted keys the user set on the command line (e.g.
+      'model.embed_dim'); an overridden model field must equal the saved one.
+
+  Raises:
+    UserError: an overridden model field differs from the saved one (one
+      line naming the field and both values).
+  """
+  if stored is None or 'model' not in stored:
+    logging.warning('%s: the latest checkpoint holds no config; using '
+                    'config.model as given.', workdir)
+    return config
+  saved = {key: _as_config_value(value)
+           for key, value in stored.model.to_dict().items()}
+  given = {key: _as_config_value(value)
+           for key, value in config.model.to_dict().items()}
+  for key in sorted(set(saved) | set(given)):
+    if f'model.{key}' in overridden and given.get(key) != saved.get(key):
+      raise cli.UserError(
+          f'--config.model.{key}={given.get(key)!r} differs from the model '
+          f'the checkpoints in {workdir} were saved with ({key}='
+          f'{saved.get(key)!r}); drop the override to use that model.')
+  differing = [key for key in sorted(set(saved) | set(given))
+               if given.get(key) != saved.get(key)]
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model = ml_collections.ConfigDict(saved)
+    if ('dataset.image_size' not in overridden
+        and 'image_size' in stored.get('dataset', {})):
+      config.dataset.image_size = stored.dataset.image_size
+  if differing:
+    logging.info('Using the model of the checkpoints in %s: %s (the config '
+                 'gives %s).', workdir,
+                 ', '.join(f'{k}={saved.get(k)!r}' for k in differing),
+                 ', '.join(f'{k}={given.get(k)!r}' for k in differing))
+  return config
+
+
 def restore_variables(workdir: str | pathlib.Path, abstract_variables: Any,
-                      which: str = 'latest') -> tuple[Any, int]:
+                      which: str = 'latest',
+                      steps_per_epoch: int | None = None) -> tuple[Any, int]:
   """Restores the model variables of a checkpoint: (variables, step).
 
-  Leaves of `abstract_variables` without a sharding are restored replicated
-  over all current devices, whatever devices the checkpoint was saved from.
+  `which` is a choice of `select_step`. Leaves of `abstract_variables`
+  without a sharding are restored replicated over all current devices,
+  whatever devices the checkpoint was saved from.
 
   Raises:
     CheckpointError: the selected step does not restore intact; it is
@@ -486,7 +598,7 @@ def restore_variables(workdir: str | pathlib.Path, abstract_variables: Any,
       jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       abstract_variables)
   with create_manager(workdir, read_only=True) as manager:
-    step = select_step(manager, which)
+    step = select_step(manager, which, steps_per_epoch)
     try:
       restored = restore_step(manager, step,
                               {'variables': abstract_variables})

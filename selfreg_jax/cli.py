@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
+from ml_collections import config_flags
 
 EXIT_USER_ERROR = 2
 # The config-file flag of the absl entry points (`--config`, `--config.KEY=V`).
@@ -46,6 +47,14 @@ def exit_on_user_error() -> Iterator[None]:
   except USER_ERRORS as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
+
+
+def config_overrides() -> frozenset[str]:
+  """Dotted keys of the command line's `--config.KEY=V` overrides (none
+  before the flags are parsed or without a config flag)."""
+  if CONFIG_FLAG not in flags.FLAGS or not flags.FLAGS.is_parsed():
+    return frozenset()
+  return frozenset(config_flags.get_override_values(flags.FLAGS[CONFIG_FLAG]))
 
 
 def run(main: Callable[..., int | None], *args: Any) -> NoReturn:

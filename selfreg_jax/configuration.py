@@ -12,17 +12,23 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 
+from selfreg_jax import checkpoints
 from selfreg_jax import cli
 from selfreg_jax.models import MODELS
 from selfreg_jax.models import unet
 from selfreg_jax.models.swin_unet import stage_windows
 
 MODES = ('train', 'eval', 'train_and_eval')
+# config.protocol: 'paper' trains on every training case without validation
+# and evaluates a fixed checkpoint; 'validated' validates on a split held out
+# of training and evaluates the best step by validation Dice.
+PROTOCOLS = ('paper', 'validated')
 CHOICES = {
     'optimizer.name': ('sgd', 'adamw', 'adam'),
     'optimizer.schedule': ('poly', 'constant', 'cosine_restarts'),
     'dtype': ('float32', 'bfloat16'),
     'eval.metric_mode': ('paper', 'standard'),
+    'protocol': PROTOCOLS,
 }
 # (requirement, test, keys) for numeric keys; every float must also be finite.
 # `model.*` keys are checked where the model config has them (the others take
@@ -105,9 +111,38 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train_and_eval',
         f'config.optimizer.min_learning_rate={optimizer.min_learning_rate} '
         'must be <= config.optimizer.learning_rate='
         f'{optimizer.learning_rate} (the floor of each cosine cycle).')
+  _validate_protocol(config)
   _validate_model(config)
   _validate_pretrained(config)
   _validate_batch(config, device_count, process_count)
+
+
+def _validate_protocol(config: ml_collections.ConfigDict) -> None:
+  """The evaluated checkpoint must exist under config.protocol."""
+  which = str(config.eval.checkpoint)
+  try:
+    epoch = checkpoints.selected_epoch(which)
+  except cli.UserError as e:
+    raise ConfigError(f'config.eval.{e}') from e
+  if epoch is None and which not in ('best', 'latest') and not which.isdigit():
+    raise ConfigError(f"config.eval.checkpoint={which!r}: choose 'best', "
+                      "'latest', 'epoch:N' or a step number.")
+  if epoch is not None and config.num_train_steps <= 0 and (
+      epoch > config.num_epochs):
+    raise ConfigError(f'config.eval.checkpoint={which!r} is after the last '
+                      f'epoch (config.num_epochs={config.num_epochs}).')
+  if config.protocol != 'paper':
+    return
+  if which == 'best':
+    raise ConfigError(
+        "config.eval.checkpoint='best' selects by validation Dice, but "
+        "config.protocol='paper' runs no validation: choose 'epoch:N', "
+        "'latest' or a step, or config.protocol='validated'.")
+  if config.early_stopping_patience:
+    raise ConfigError(
+        f'config.early_stopping_patience={config.early_stopping_patience} '
+        "counts validations, which config.protocol='paper' does not run: "
+        'set it to 0.')
 
 
 def _validate_model(config: ml_collections.ConfigDict) -> None:

@@ -104,22 +104,6 @@ def torch_to_orbax(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path,
   return variables
 
 
-def stored_config(workdir: str | pathlib.Path,
-                  which: str = 'latest') -> ml_collections.ConfigDict:
-  """The config saved with checkpoint `which` of a run.
-
-  Raises:
-    checkpoints.CheckpointError: the config does not restore (damaged).
-  """
-  with checkpoints.create_manager(workdir, read_only=True) as manager:
-    step = checkpoints.select_step(manager, which)
-    restored = checkpoints.restore_step(manager, step, {}, optional=('config',))
-  if 'config' not in restored:
-    raise FileNotFoundError(f'{manager.directory} step {step} holds no '
-                            'config: pass --config.')
-  return ml_collections.ConfigDict(restored['config'])
-
-
 def orbax_to_safetensors(workdir: str | pathlib.Path,
                          out: str | pathlib.Path,
                          config: ml_collections.ConfigDict | None = None,
@@ -131,7 +115,11 @@ def orbax_to_safetensors(workdir: str | pathlib.Path,
   (`pretrained.public_torch_state_dict`, num_batches_tracked = the step);
   else only our variables (`pretrained.export_torch_state_dict`).
   """
-  config = config or stored_config(workdir, which)
+  if config is None:
+    config = checkpoints.stored_config(workdir, which)
+    if config is None:
+      raise FileNotFoundError(f'{workdir}: checkpoint {which!r} holds no '
+                              'config: pass --config.')
   variables, step = checkpoints.restore_variables(
       workdir, abstract_variables(config.model), which)
   if strict:

@@ -25,8 +25,8 @@ name, then renamed):
       axes reversed, affine diag(x, y, z spacing in mm, 1) with origin 0 (the
       built data sets keep no scanner orientation)
   overlays/<case_id>.png   for case ids in config.eval.overlay_cases: the
-      slice with the most labelled pixels as [image | truth | prediction],
-      class-coloured contours over the image
+      slice with the most labelled pixels as [image | truth | prediction]
+      at the image's own size, classes in translucent colours
 """
 
 import collections
@@ -38,19 +38,20 @@ import io
 import itertools
 import pathlib
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 from absl import logging
+from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import ml_collections
 import nibabel as nib
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from data_prep import sources
 from selfreg_jax import checkpoints
+from selfreg_jax import configuration
 from selfreg_jax import files
 from selfreg_jax import inference
 from selfreg_jax import input_pipeline
@@ -160,7 +161,9 @@ def evaluate_cases(config: ml_collections.ConfigDict, model, variables: Any,
                    cases: Iterable[input_pipeline.Case], *,
                    mesh: jax.sharding.Mesh, split: str = '',
                    out_dir: str | pathlib.Path | None = None,
-                   step: int | None = None) -> dict[str, Any]:
+                   step: int | None = None,
+                   run_info: Mapping[str, Any] | None = None
+                   ) -> dict[str, Any]:
   """Predicts and scores `cases`; see `evaluate_split`."""
   _check_config(config)
   mode = config.eval.metric_mode
@@ -206,7 +209,7 @@ def evaluate_cases(config: ml_collections.ConfigDict, model, variables: Any,
                      case.prediction, case.spacing)
       if writes and case.case_id in overlay_ids:
         _write_png(out_dir / OVERLAYS_DIR / f'{case.case_id}.png',
-                   render_overlay(case, num_classes))
+                   render_overlay(case))
       if len(pending) > _MAX_PENDING_CASES:
         collect_oldest()
     while pending:
@@ -221,6 +224,7 @@ def evaluate_cases(config: ml_collections.ConfigDict, model, variables: Any,
       image_size=config.dataset.image_size,
       distance_unit=_distance_unit(volumetric, mode), num_slices=num_slices,
       seconds=seconds, slices_per_second=num_slices / seconds)
+  summary.update(run_info or {})
   table = format_table(summary)
   logging.info('Evaluation of %s:\n%s', split, table)
   if writes:
@@ -235,7 +239,9 @@ def evaluate_cases(config: ml_collections.ConfigDict, model, variables: Any,
 def evaluate_split(config: ml_collections.ConfigDict, model, variables: Any,
                    split: str, *, mesh: jax.sharding.Mesh,
                    out_dir: str | pathlib.Path | None = None,
-                   step: int | None = None) -> dict[str, Any]:
+                   step: int | None = None,
+                   run_info: Mapping[str, Any] | None = None
+                   ) -> dict[str, Any]:
   """Evaluates `model` on every case of a split of the built data set.
 
   Args:
@@ -248,6 +254,7 @@ def evaluate_split(config: ml_collections.ConfigDict, model, variables: Any,
     out_dir: folder for the files listed in the module docstring; None
       writes nothing (validation during training).
     step: training step of `variables`, recorded in the summary.
+    run_info: more entries of the summary (e.g. the training protocol).
 
   Returns:
     A summary dict: mean_dice, mean_jaccard, mean_hd95, mean_assd (floats;
@@ -262,7 +269,8 @@ def evaluate_split(config: ml_collections.ConfigDict, model, variables: Any,
   input_pipeline.check_matches_config(builder, config.dataset)
   return evaluate_cases(config, model, variables,
                         input_pipeline.iterate_cases(config, split),
-                        mesh=mesh, split=split, out_dir=out_dir, step=step)
+                        mesh=mesh, split=split, out_dir=out_dir, step=step,
+                        run_info=run_info)
 
 
 def abstract_variables(config: ml_collections.ConfigDict, model,
@@ -278,35 +286,96 @@ def abstract_variables(config: ml_collections.ConfigDict, model,
       shapes)
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict,
-                        workdir: str | pathlib.Path, *,
-                        split: str | None = None,
-                        which: str | int | None = None) -> dict[str, Any]:
-  """Evaluates a checkpoint of `workdir` on a split and writes the results.
+@dataclasses.dataclass(frozen=True)
+class RestoredCheckpoint:
+  """A checkpoint of a run, ready to predict with.
 
-  Args:
-    config: experiment config; the model is `create_model(config.model,
-      dtype=config.dtype)`.
-    workdir: run folder holding `checkpoints/`.
-    split: split to evaluate; default config.eval.split.
-    which: 'best', 'latest' or a step; default config.eval.checkpoint.
-
-  Returns:
-    The summary of `evaluate_split` (plus 'checkpoint': `which`); files go
-    to `workdir/eval/<split>_step<N>/`.
+  Attributes:
+    config: the command's config with the checkpoints' model
+      (`checkpoints.with_stored_model`).
+    model: the Flax model of config.model.
+    mesh: the data mesh of all devices; `variables` are replicated on it.
+    variables: the checkpoint's model variables.
+    step: the checkpoint's step.
+    info: checkpoint (the choice), protocol, train_slices, steps_per_epoch
+      and epoch (the step in epochs) of the run.
   """
-  split = split or config.eval.split
-  which = str(config.eval.checkpoint if which is None else which)
+  config: ml_collections.ConfigDict
+  model: Any
+  mesh: jax.sharding.Mesh
+  variables: Any
+  step: int
+  info: dict[str, Any]
+
+
+def restore_checkpoint(config: ml_collections.ConfigDict,
+                       workdir: str | pathlib.Path, which: str,
+                       overridden: Collection[str] = ()
+                       ) -> RestoredCheckpoint:
+  """Restores checkpoint `which` ('best', 'latest', 'epoch:N' or a step) of
+  `workdir` with the model it was saved with.
+
+  'epoch:N' counts epochs of the data set's training split in batches of
+  the run's own batch size.
+
+  Raises:
+    UserError: a model field in `overridden` differs from the checkpoints'
+      model, or the resulting config is invalid.
+  """
+  stored = checkpoints.stored_config(workdir)
+  config = checkpoints.with_stored_model(config, stored, workdir, overridden)
+  configuration.validate(config, 'eval')
+  trained = stored or config  # the protocol and batch size the run used
+  num_slices = input_pipeline.num_train_slices(config)
+  epoch_steps = input_pipeline.steps_per_epoch(num_slices, trained.batch_size)
   model = create_model(config.model, dtype=jnp.dtype(config.dtype))
   mesh = inference.data_mesh()
   variables, step = checkpoints.restore_variables(
-      workdir, abstract_variables(config, model, mesh), which)
+      workdir, abstract_variables(config, model, mesh), which, epoch_steps)
+  info = dict(checkpoint=which, protocol=trained.get('protocol', 'validated'),
+              train_slices=num_slices, steps_per_epoch=epoch_steps,
+              epoch=step / epoch_steps)
+  return RestoredCheckpoint(config, model, mesh, variables, step, info)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict,
+                        workdir: str | pathlib.Path, *,
+                        split: str | None = None,
+                        which: str | int | None = None,
+                        overridden: Collection[str] = ()) -> dict[str, Any]:
+  """Evaluates a checkpoint of `workdir` on a split and writes the results.
+
+  Args:
+    config: experiment config; the model is the checkpoints' own
+      (`restore_checkpoint`).
+    workdir: run folder holding `checkpoints/`.
+    split: split to evaluate; default config.eval.split.
+    which: 'best', 'latest', 'epoch:N' or a step; default
+      config.eval.checkpoint.
+    overridden: dotted config keys set on the command line; a model field
+      among them must equal the checkpoints'.
+
+  Returns:
+    The summary of `evaluate_split` plus the run's `RestoredCheckpoint.info`
+    (also in summary.json); files go to `workdir/eval/<split>_step<N>/`, and
+    the summary's scalars (`summary_scalars`) to TensorBoard as
+    '<split>/...' at step N.
+  """
+  split = split or config.eval.split
+  which = str(config.eval.checkpoint if which is None else which)
+  restored = restore_checkpoint(config, workdir, which, overridden)
+  step = restored.step
   out_dir = pathlib.Path(workdir) / EVAL_DIR / f'{split}_step{step}'
   logging.info('Evaluating checkpoint %s (step %d) of %s on split %r into %s',
                which, step, workdir, split, out_dir)
-  summary = evaluate_split(config, model, variables, split, mesh=mesh,
-                           out_dir=out_dir, step=step)
-  summary['checkpoint'] = which
+  summary = evaluate_split(restored.config, restored.model, restored.variables,
+                           split, mesh=restored.mesh, out_dir=out_dir,
+                           step=step, run_info=restored.info)
+  if jax.process_index() == 0:
+    writer = metric_writers.SummaryWriter(str(workdir))
+    writer.write_scalars(step, {f'{split}/{k}': v for k, v in
+                                summary_scalars(summary).items()})
+    writer.close()
   return summary
 
 
@@ -333,6 +402,17 @@ def _summary(aggregated: metrics.MetricSummary,
       excluded={name: dict(zip(names, map(int, counts)))
                 for name, counts in aggregated.excluded.items()})
   return summary
+
+
+def summary_scalars(summary: Mapping[str, Any]) -> dict[str, float]:
+  """The metrics of a summary for TensorBoard: mean_<metric> of every metric,
+  and dice/<class> and hd95/<class> (spaces in names become '_')."""
+  scalars = {f'mean_{name}': summary[f'mean_{name}']
+             for name in metrics.METRIC_NAMES}
+  for metric in ('dice', 'hd95'):
+    for name, value in summary['per_class'][metric].items():
+      scalars[f'{metric}/{name.replace(" ", "_")}'] = value
+  return scalars
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -386,31 +466,20 @@ def _per_case_csv(case_ids: Sequence[str],
 # Images and files.
 
 
-def _contours(labels: np.ndarray, num_classes: int) -> np.ndarray:
-  """(H, W) class ids -> (H, W) ids on each class's boundary, 0 elsewhere."""
-  edges = np.zeros_like(labels)
-  for k in range(1, num_classes):
-    mask = labels == k
-    edges[mask & ~ndimage.binary_erosion(mask)] = k
-  return edges
+def render_overlay(case: PredictedCase) -> np.ndarray:
+  """[image | truth | prediction] at the image's own size, (H', 3W', 3) uint8.
 
-
-def render_overlay(case: PredictedCase, num_classes: int) -> np.ndarray:
-  """[image | truth contours | prediction contours], (H, 3W, 3) uint8.
-
-  Shows the slice with the most labelled (truth or predicted) pixels, the
-  image resized to the label grid; contours take the class colours of
-  `visualize.PALETTE`.
+  Shows the slice with the most labelled (truth or predicted) pixels; the
+  class maps, resized (nearest) to the image's (H', W') where they were
+  scored on another grid (2D sets: at image_size), are drawn over the image
+  as translucent class colours (`visualize.overlay`).
   """
   labelled = ((case.truth > 0) | (case.prediction > 0)).sum(axis=(1, 2))
   index = int(np.argmax(labelled))
-  image = inference.resize_image(case.image[index], case.truth.shape[1:])
-  rgb = visualize.to_rgb(image)
-  panels = [rgb]
-  for labels in (case.truth[index], case.prediction[index]):
-    edges = _contours(labels, num_classes)
-    colours = visualize.PALETTE[edges % len(visualize.PALETTE)]
-    panels.append(np.where((edges > 0)[..., None], colours, rgb))
+  image = case.image[index]
+  panels = [visualize.to_rgb(image)] + [
+      visualize.overlay(image, inference.resize_labels(labels, image.shape[:2]))
+      for labels in (case.truth[index], case.prediction[index])]
   return np.round(np.concatenate(panels, axis=1) * 255).astype(np.uint8)
 
 

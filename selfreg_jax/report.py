@@ -44,7 +44,6 @@ from absl import app
 from absl import flags
 from matplotlib import figure as mpl_figure
 import numpy as np
-import orbax.checkpoint as ocp
 from scipy import stats
 
 from selfreg_jax import checkpoints
@@ -118,14 +117,11 @@ def flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 def load_config(workdir: pathlib.Path) -> dict[str, Any]:
   """The flattened config saved with the run's latest checkpoint."""
-  with checkpoints.create_manager(workdir, read_only=True) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'{manager.directory}: no checkpoint, so no '
-                              'saved config.')
-    restored = manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))
-  return flatten(restored['config'])
+  config = checkpoints.stored_config(workdir)
+  if config is None:
+    raise FileNotFoundError(f'{workdir}: the latest checkpoint holds no '
+                            'config.')
+  return flatten(config.to_dict())
 
 
 def load_run(workdir: pathlib.Path, split: str | None = None) -> Run:

@@ -14,16 +14,16 @@ its state is logged or saved, so no checkpoint holds a diverged state.
 """
 
 import dataclasses
+import datetime
 import functools
 import pathlib
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Collection
 
 from absl import logging
 from clu import metric_writers
-from clu import periodic_actions
 import flax.struct
 import grain
 import jax
@@ -35,6 +35,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from selfreg_jax import checkpoints
+from selfreg_jax import cli
 from selfreg_jax import configuration
 from selfreg_jax import evaluate
 from selfreg_jax import inference
@@ -241,11 +242,57 @@ def ensure_demo_data(config: ml_collections.ConfigDict) -> None:
     multihost_utils.sync_global_devices('demo data built')
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+def check_protocol_data(config: ml_collections.ConfigDict) -> int:
+  """Checks the data set's splits against config.protocol.
+
+  Returns:
+    The number of training slices.
+
+  Raises:
+    UserError: 'validated' on a set without the validation split, or
+      'paper' on a set whose validation split holds cases out of training.
+  """
   builder = input_pipeline.open_dataset(config.dataset.name,
                                         config.dataset.data_dir)
-  num_slices = builder.info.splits[config.dataset.train_split].num_examples
-  return max(1, num_slices // config.batch_size)
+  splits = builder.info.splits
+  val_split = config.dataset.val_split
+  if config.protocol == 'validated' and val_split not in splits:
+    raise cli.UserError(
+        f"config.protocol='validated' validates on split {val_split!r}, "
+        f'which {builder.data_dir} does not have (built without validation '
+        'cases); use --config.protocol=paper, or build the set with '
+        'validation cases into another --out.')
+  if config.protocol == 'paper' and val_split in splits:
+    raise cli.UserError(
+        f"config.protocol='paper' trains on every training case, but "
+        f'{builder.data_dir} keeps {splits[val_split].num_examples} slices '
+        f'out of training in split {val_split!r}; build the set with '
+        '--val-cases 0 (demo: --option num_validation_cases=0) into another '
+        '--out, or use --config.protocol=validated.')
+  return input_pipeline.num_train_slices(config)
+
+
+def tested_step(config: ml_collections.ConfigDict, epoch_steps: int,
+                total_steps: int) -> int | None:
+  """The step config.eval.checkpoint names ('epoch:N' or a step number),
+  which training must save and keep; None for 'best' and 'latest'.
+
+  Raises:
+    UserError: that step is after the run's last step.
+  """
+  which = str(config.eval.checkpoint)
+  epoch = checkpoints.selected_epoch(which)
+  if epoch is not None:
+    step = epoch * epoch_steps
+  elif which.isdigit():
+    step = int(which)
+  else:
+    return None
+  if not 0 < step <= total_steps:
+    raise cli.UserError(
+        f'config.eval.checkpoint={which!r} is step {step}, but the run '
+        f'trains steps 1 to {total_steps} ({epoch_steps} per epoch).')
+  return step
 
 
 def _train_arrays(state: TrainState) -> dict[str, Any]:
@@ -332,28 +379,71 @@ def _early_stopping_reached(config: ml_collections.ConfigDict,
           loop.validations_without_gain >= config.early_stopping_patience)
 
 
+def format_speed(steps_per_sec: float) -> str:
+  """'12.3 steps/s'; below one step per second '0.0521 steps/s (19.2 s/step)'
+  (three significant digits: never rounded to 0)."""
+  text = f'{steps_per_sec:.3g} steps/s'
+  if steps_per_sec < 1:
+    text += f' ({1 / steps_per_sec:.3g} s/step)'
+  return text
+
+
+def format_duration(seconds: float) -> str:
+  """Whole seconds as '[D day[s], ]H:MM:SS'."""
+  return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def loss_names(model_config: ml_collections.ConfigDict) -> dict[str, str]:
+  """Logged name of each loss part: the CE term of a one-logit binary model
+  is a binary cross-entropy, 'bce'."""
+  return {'ce': 'bce' if model_config.num_classes == 1 else 'ce',
+          'dice': 'dice', 'scr': 'scr', 'ifd': 'ifd'}
+
+
 def _write_interval(writer, step: int, total_steps: int,
                     interval_metrics: list[dict[str, float]],
-                    steps_per_sec: float) -> None:
-  """Logs the means of a log interval's training metrics at its last step.
+                    steps_per_sec: float, names: dict[str, str]) -> None:
+  """Logs the means of a log interval's training metrics at its last step,
+  its speed (`steps_per_sec`, step time only) and the time left at it.
 
   The learning rate is the interval's last step's, not the interval's mean.
   """
-  scalars = {f'train/{k}': float(np.mean([m[k] for m in interval_metrics]))
-             for k in interval_metrics[0]}
-  scalars['train/learning_rate'] = interval_metrics[-1]['learning_rate']
-  scalars['train/steps_per_sec'] = steps_per_sec
-  writer.write_scalars(step, scalars)
-  logging.info('step %d/%d  loss %.4f  ce %.4f  dice %.4f  scr %.4f  '
-               'ifd %.4f  lr %.3g  %.2f steps/s', step, total_steps,
-               scalars['train/total'], scalars['train/ce'],
-               scalars['train/dice'], scalars['train/scr'],
-               scalars['train/ifd'], scalars['train/learning_rate'],
-               scalars['train/steps_per_sec'])
+  means = {names.get(k, k): float(np.mean([m[k] for m in interval_metrics]))
+           for k in interval_metrics[0]}
+  means['learning_rate'] = interval_metrics[-1]['learning_rate']
+  means['steps_per_sec'] = steps_per_sec
+  writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+  parts = '  '.join(f'{name} {means[name]:.4f}' for name in names.values())
+  logging.info('step %d/%d  loss %.4f  %s  lr %.3g  %s  eta %s', step,
+               total_steps, means['total'], parts, means['learning_rate'],
+               format_speed(steps_per_sec),
+               format_duration((total_steps - step) / steps_per_sec))
+
+
+def _log_protocol(config: ml_collections.ConfigDict, num_slices: int,
+                  epoch_steps: int, total_steps: int,
+                  tested: int | None) -> None:
+  """The first lines of a run's log: protocol, data, epochs, tested step."""
+  logging.info(
+      "Protocol '%s': %d training slices in split '%s', %d steps per epoch "
+      '(ceil(%d / batch %d)), %d steps (%.4g epochs).', config.protocol,
+      num_slices, config.dataset.train_split, epoch_steps, num_slices,
+      config.batch_size, total_steps, total_steps / epoch_steps)
+  which = str(config.eval.checkpoint)
+  if config.protocol == 'paper':
+    chosen = 'the last step' if tested is None else f'step {tested}'
+    logging.info("No validation split and no validation; the test split is "
+                 'evaluated at checkpoint %r (%s).', which, chosen)
+  else:
+    every = {0: 'at the end', -1: 'never'}.get(
+        config.eval_every_steps, f'every {config.eval_every_steps} steps')
+    logging.info("Validation on split '%s' %s; the test split is evaluated "
+                 'at checkpoint %r.', config.dataset.val_split, every, which)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       mode: str = 'train_and_eval') -> dict[str, Any]:
+                       mode: str = 'train_and_eval',
+                       overridden: Collection[str] = ()) -> dict[str, Any]:
   """Trains (resuming from `workdir`), validates, and evaluates the best step.
 
   Args:
@@ -361,6 +451,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir: run folder: checkpoints/, TensorBoard events, eval/ outputs.
     mode: 'train', 'eval' (evaluate a checkpoint of the workdir only) or
       'train_and_eval'.
+    overridden: dotted config keys set on the command line (evaluation
+      refuses a model field that differs from the checkpoints' model).
 
   Returns:
     The final evaluation summary (empty for mode='train').
@@ -373,15 +465,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir = pathlib.Path(workdir)
   ensure_demo_data(config)
   if mode == 'eval':
-    return evaluate.evaluate_checkpoint(config, str(workdir))
+    return evaluate.evaluate_checkpoint(config, str(workdir),
+                                        overridden=overridden)
 
+  num_slices = check_protocol_data(config)
   mesh = inference.data_mesh()
   replicated = inference.replicated_sharding(mesh)
   batch_sharding = inference.batch_sharding(mesh)
   model = create_model(config.model, dtype=jnp.dtype(config.dtype))
-  epoch_steps = steps_per_epoch(config)
+  epoch_steps = input_pipeline.steps_per_epoch(num_slices, config.batch_size)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else config.num_epochs * epoch_steps)
+  tested = tested_step(config, epoch_steps, total_steps)
+  _log_protocol(config, num_slices, epoch_steps, total_steps, tested)
   schedule = learning_rate_schedule(config, epoch_steps, total_steps)
   tx = create_optimizer(config, schedule)
   init_key, base_key = jax.random.split(jax.random.key(config.seed))
@@ -391,8 +487,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batches = input_pipeline.prefetch_to_device(
       input_pipeline.create_train_loader(config), config.prefetch_to_device,
       batch_sharding)
-  manager = checkpoints.create_manager(workdir,
-                                       keep_last=config.keep_checkpoints)
+  manager = checkpoints.create_manager(
+      workdir, keep_last=config.keep_checkpoints,
+      keep_steps=() if tested is None else (tested,))
   found = None
   if manager.all_steps():
     abstract = jax.eval_shape(init_fn, init_key)
@@ -414,12 +511,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   step_fn = jit_train_step(model, tx, schedule, dict(config.loss), base_key,
                            mesh)
+  names = loss_names(config.model)
+  validates = config.protocol == 'validated'
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if first_step == 0:
     writer.write_hparams(_flat_hparams(config))
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer)
   preemption = PreemptionWatcher()
   pending = None
   save_unconfirmed = False
@@ -430,18 +527,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info('Training %s on %s for %d steps (%d per epoch), global batch '
                '%d over %d devices.', config.model.name, config.dataset.name,
                total_steps, epoch_steps, config.batch_size, jax.device_count())
-  interval_start, interval_first_step = time.time(), first_step
+  # Step time: the wall time of a log interval less the validations, image
+  # summaries and saves in it (`paused`); compilation is timed apart.
+  compiled_step = None
+  interval_first_step, paused = first_step, 0.0
   try:
     step = first_step
     while step < total_steps and not stop_early:
       batch = next(batches)
-      state, metrics = step_fn(state, batch)
+      if compiled_step is None:
+        compiled_step = _compile(step_fn, state, batch)
+        interval_start = time.time()
+      state, metrics = compiled_step(state, batch)
       # Read the previous step's metrics while this one runs.
       if pending is not None:
         loop.interval_metrics.append(_fetch_checked(*pending))
       pending = (step + 1, metrics)
       step += 1
-      report_progress(step)
       if save_unconfirmed and not manager.is_saving_in_progress():
         # A save that failed in the background stops the run now, not at
         # the next save (which would wait for it).
@@ -449,23 +551,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         save_unconfirmed = False
 
       is_last = step == total_steps
-      validate = (config.eval_every_steps > 0
-                  and step % config.eval_every_steps == 0) or (
-                      is_last and config.eval_every_steps >= 0)
+      validate = validates and (
+          (config.eval_every_steps > 0
+           and step % config.eval_every_steps == 0)
+          or (is_last and config.eval_every_steps >= 0))
       preempted = preemption.reached(step)
-      save = (validate or is_last or preempted
+      save = (validate or is_last or preempted or step == tested
               or step % config.checkpoint_every_steps == 0)
-      if step % config.log_every_steps == 0 or is_last or save:
+      log = step % config.log_every_steps == 0 or step == 1 or is_last
+      if log or save:
         # This step's own metrics are checked before its state is logged
         # or saved, so that no checkpoint holds a diverged state.
         loop.interval_metrics.append(_fetch_checked(*pending))
         pending = None
-      if step % config.log_every_steps == 0 or is_last:
+      if log:
+        seconds = time.time() - interval_start - paused
         _write_interval(writer, step, total_steps, loop.interval_metrics,
-                        (step - interval_first_step) /
-                        (time.time() - interval_start))
+                        (step - interval_first_step) / max(seconds, 1e-9),
+                        names)
         loop.interval_metrics = []
-        interval_start, interval_first_step = time.time(), step
+        interval_start, interval_first_step, paused = time.time(), step, 0.0
+      pause_start = time.time()
       if (config.image_summary_every_steps
           and step % config.image_summary_every_steps == 0):
         writer.write_images(step, {'train/input_prediction_truth':
@@ -476,15 +582,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if validate:
         summary = evaluate.evaluate_split(
             config, model, state.variables(), config.dataset.val_split,
-            mesh=mesh)
-        writer.write_scalars(step, {f'val/{k}': v for k, v in summary.items()
-                                    if isinstance(v, (int, float))})
+            mesh=mesh, step=step)
+        writer.write_scalars(step, {
+            f'val/{k}': v for k, v in evaluate.summary_scalars(summary).items()})
         eval_metrics = {checkpoints.BEST_METRIC: summary['mean_dice']}
         loop.record_validation(summary['mean_dice'])
       stop_early = _early_stopping_reached(config, loop)
       if save:
         _save(manager, step, state, batches, config, loop, eval_metrics)
         save_unconfirmed = True
+      paused += time.time() - pause_start
       if preempted:
         logging.warning('Pre-empted (SIGTERM) at step %d: checkpoint saved, '
                         'exiting; rerun the same command to resume.', step)
@@ -504,7 +611,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.flush()
   if mode == 'train':
     return {}
-  return evaluate.evaluate_checkpoint(config, str(workdir))
+  return evaluate.evaluate_checkpoint(config, str(workdir),
+                                      overridden=overridden)
+
+
+def _compile(step_fn, state: TrainState, batch):
+  """`step_fn` compiled for `state` and `batch`, its compile time logged
+  apart from the step time."""
+  start = time.time()
+  compiled = step_fn.lower(state, batch).compile()
+  logging.info('Compiled the train step in %.1f s (not counted in steps/s).',
+               time.time() - start)
+  return compiled
 
 
 def _fetch_checked(step: int, metrics) -> dict[str, float]:

@@ -1,7 +1,11 @@
 """Grad-CAM and channel similarity of the feature taps."""
 
 import functools
+import io
 import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +18,11 @@ import tiny_configs
 import tiny_train_config
 from selfreg_jax import analysis
 from selfreg_jax import checkpoints
+from selfreg_jax import cli
 from selfreg_jax import input_pipeline
 from selfreg_jax.models import create_model
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE = tiny_configs.IMAGE_SIZES[0]
 CLASSES = (1, 2)
 TRAIN_CONFIG = tiny_train_config.get_config('unet')
@@ -149,3 +155,63 @@ def test_analyze_case_writes_figures_json_and_tensorboard(tiny_demo_data_dir,
                           split='test', which='latest')
   with pytest.raises(ValueError, match='--class=9'):
     analysis.analyze_case(config, tmp_path, case.case_id, 9)
+
+
+def _analysis_cli(workdir, data_dir, case_id, *overrides):
+  return subprocess.run(
+      [sys.executable, '-m', 'selfreg_jax.analysis',
+       f'--config={ROOT / "tests" / "tiny_train_config.py"}:unet',
+       f'--workdir={workdir}', f'--case={case_id}', '--checkpoint=latest',
+       f'--config.dataset.data_dir={data_dir}', *overrides],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_analyses_the_checkpoints_model_quietly_and_refuses_other_widths(
+    tiny_demo_data_dir, tmp_path):
+  """The run was trained narrower than its config file says: the analysis
+  uses the checkpoint's model without being told, prints no library INFO
+  lines (orbax's included), and refuses a width set on the command line
+  that differs from the checkpoint's in one line."""
+  config = TRAIN_CONFIG.copy_and_resolve_references()
+  config.dataset.data_dir = str(tiny_demo_data_dir)
+  config.model.widths = tuple(w // 2 for w in config.model.widths)
+  _, variables, _ = _model_and_variables(config.model)
+  checkpoints.write_variables(tmp_path, variables, config, step=3)
+  case_id = next(input_pipeline.iterate_cases(config, 'test')).case_id
+
+  run = _analysis_cli(tmp_path, tiny_demo_data_dir, case_id)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert (tmp_path / analysis.ANALYSIS_DIR /
+          f'test_{case_id}_class1_step3' / 'analysis.json').is_file()
+  for line in run.stderr.splitlines():
+    assert 'orbax' not in line and '[process=' not in line, line
+  assert any('Analysis of' in line for line in run.stderr.splitlines())
+
+  file_widths = TRAIN_CONFIG.model.widths
+  run = _analysis_cli(tmp_path, tiny_demo_data_dir, case_id,
+                      f'--config.model.widths={file_widths}')
+  assert run.returncode == cli.EXIT_USER_ERROR
+  assert run.stderr.splitlines() == [
+      f'error: --config.model.widths={tuple(file_widths)!r} differs from the '
+      f'model the checkpoints in {tmp_path} were saved with (widths='
+      f'{config.model.widths!r}); drop the override to use that model.']
+
+
+def test_gradcam_figure_keeps_the_image_aspect():
+  """A wide image gives panels three times as wide as high, not squares."""
+  height, width = 20, 60
+  image = np.random.default_rng(0).random((height, width, 1), np.float32)
+  truth = np.zeros((height, width), bool)
+  truth[5:15, 10:40] = True
+  shapes = {}
+  sizes = {'wide': (height, width), 'square': (width, width)}
+  for name, (h, w) in sizes.items():
+    png = analysis.gradcam_figure(
+        np.resize(image, (h, w, 1)), np.resize(truth, (h, w)), 1,
+        {'final': np.ones((h, w), np.float32)}, 'title')
+    shapes[name] = np.asarray(Image.open(io.BytesIO(png))).shape
+  wide_h, wide_w, _ = shapes['wide']
+  square_h, square_w, _ = shapes['square']
+  assert wide_w == pytest.approx(square_w, rel=0.05)
+  # Two panels of 1 x 1/3 (plus titles) against two of 1 x 1.
+  assert wide_h < 0.6 * square_h

@@ -10,15 +10,19 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 
 from configs import base
 from data_prep import build
 from data_prep import demo
 from selfreg_jax import checkpoints
+from selfreg_jax import cli
 from selfreg_jax import evaluate
 from selfreg_jax import inference
 from selfreg_jax import input_pipeline
 from selfreg_jax import metrics
+from selfreg_jax import visualize
 from selfreg_jax.models import create_model
 from test_inference import BATCH_SIZE
 from test_inference import IMAGE_SIZE
@@ -212,8 +216,33 @@ def test_2d_binary_set_scores_at_image_size(tmp_path):
   assert summary['distance_unit'] == 'pixel'
   assert 'IoU (%)' in summary['table']
   assert len(_read_csv(tmp_path / evaluate.METRICS_FILE)) == len(cases)
+  # At the image's own size, not the square it was scored at.
   overlay = Image.open(tmp_path / evaluate.OVERLAYS_DIR / 'image_1.png')
-  assert overlay.size == (3 * IMAGE_SIZE, IMAGE_SIZE)
+  height, width = IMAGES_2D[1]
+  assert overlay.size == (3 * width, height)
+
+
+def test_overlays_fill_each_class_in_its_translucent_colour():
+  """Truth and prediction panels: class pixels are half image, half class
+  colour (filled, not outlined), other pixels the image's own grey."""
+  depth, height, width = 2, 20, 30
+  grey = np.linspace(0, 1, height * width, dtype=np.float32).reshape(
+      1, height, width, 1).repeat(depth, axis=0)
+  truth = np.zeros((depth, height, width), np.uint8)
+  truth[1, 4:12, 5:20] = 2
+  prediction = np.zeros_like(truth)
+  prediction[1, 10:16, 2:9] = 3
+  case = evaluate.PredictedCase('case', grey, prediction, truth,
+                                (1.0, 1.0, 1.0))
+  rgb = evaluate.render_overlay(case).astype(np.float64) / 255
+  assert rgb.shape == (height, 3 * width, 3)
+  image = np.repeat(grey[1], 3, axis=-1)  # slice 1: the labelled one
+  for panel, labels in enumerate((truth[1], prediction[1])):
+    shown = rgb[:, (panel + 1) * width:(panel + 2) * width]
+    expected = np.where((labels > 0)[..., None],
+                        0.5 * image + 0.5 * visualize.PALETTE[labels], image)
+    np.testing.assert_allclose(shown, expected, atol=1 / 255)
+  np.testing.assert_allclose(rgb[:, :width], image, atol=1 / 255)
 
 
 def test_nifti_predictions_and_overlays(demo_model, tmp_path):
@@ -265,14 +294,46 @@ def test_evaluate_checkpoint_end_to_end(demo_model, tmp_path):
   checkpoints.write_variables(workdir, jax.tree.map(np.asarray, variables),
                               config, step=CHECKPOINT_STEP)
 
-  summary = evaluate.evaluate_checkpoint(config, workdir, which='latest')
+  # The command's config has another model width than the checkpoint: the
+  # checkpoint's own model is evaluated.
+  command = _config()
+  command.dataset.data_dir = str(data_dir)
+  command.model.widths = tuple(2 * w for w in config.model.widths)
+  command.batch_size = config.batch_size // 3
+  summary = evaluate.evaluate_checkpoint(command, workdir, which='latest')
   out_dir = workdir / evaluate.EVAL_DIR / f'test_step{CHECKPOINT_STEP}'
   assert summary['step'] == CHECKPOINT_STEP
   assert summary['num_cases'] == DEMO_OPTIONS['num_test_cases']
   rows = _read_csv(out_dir / evaluate.METRICS_FILE)
   assert len(rows) == summary['num_cases'] * (config.dataset.num_classes - 1)
-  assert json.loads((out_dir / evaluate.SUMMARY_FILE).read_text())[
-      'mean_dice'] == pytest.approx(summary['mean_dice'])
+  saved = json.loads((out_dir / evaluate.SUMMARY_FILE).read_text())
+  assert saved['mean_dice'] == pytest.approx(summary['mean_dice'])
+  # The run's protocol and epochs: train slices in batches of the run's own
+  # batch size (the checkpoint's config), not the command's.
+  train_slices = input_pipeline.open_dataset(
+      config.dataset.name, data_dir).info.splits['train'].num_examples
+  epoch_steps = math.ceil(train_slices / config.batch_size)
+  assert {key: saved[key] for key in ('checkpoint', 'protocol', 'train_slices',
+                                      'steps_per_epoch', 'epoch')} == dict(
+      checkpoint='latest', protocol='validated', train_slices=train_slices,
+      steps_per_epoch=epoch_steps, epoch=CHECKPOINT_STEP / epoch_steps)
+  # The test metrics in TensorBoard at the evaluated step.
+  events = event_accumulator.EventAccumulator(
+      str(workdir), size_guidance={event_accumulator.TENSORS: 0})
+  events.Reload()
+  logged = {event.step: float(tensor_util.make_ndarray(event.tensor_proto))
+            for event in events.Tensors('test/mean_dice')}
+  assert logged == {CHECKPOINT_STEP: pytest.approx(summary['mean_dice'])}
+
+  # A model field set on the command line must match the checkpoint's.
+  with pytest.raises(cli.UserError) as error:
+    evaluate.evaluate_checkpoint(command, workdir, which='latest',
+                                 overridden={'model.widths'})
+  assert str(error.value) == (
+      f'--config.model.widths={command.model.widths!r} differs from the '
+      f'model the checkpoints in {workdir} were saved with (widths='
+      f'{tuple(config.model.widths)!r}); drop the override to use that '
+      'model.')
 
   # The restored variables score like the in-memory ones.
   direct = evaluate.evaluate_split(config, model, variables, 'test',

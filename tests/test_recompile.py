@@ -161,7 +161,9 @@ def test_steady_state_steps_make_no_implicit_transfer_and_no_compilation(
   mesh = inference.data_mesh()
   model = create_model(config.model, dtype=jnp.dtype(config.dtype))
   schedule = train.learning_rate_schedule(
-      config, train.steps_per_epoch(config), config.num_train_steps)
+      config, input_pipeline.steps_per_epoch(
+          input_pipeline.num_train_slices(config), config.batch_size),
+      config.num_train_steps)
   tx = train.create_optimizer(config, schedule)
   init_key, base_key = jax.random.split(jax.random.key(config.seed))
   state = jax.jit(functools.partial(train.initial_state, model, tx, config),

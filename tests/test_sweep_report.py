@@ -293,3 +293,16 @@ def test_report_refuses_the_same_run_twice(fabricated_study):
   run = fabricated_study / 'loss.use_selfreg=True,seed=0'
   with pytest.raises(ValueError, match='same config'):
     report.write_report([run, run])
+
+
+def test_report_cli_prints_no_library_info_lines(fabricated_study, tmp_path):
+  """Reading each run's saved config goes through orbax, whose INFO lines
+  (tagged '[process=N]') the entry point hides."""
+  run = subprocess.run(
+      [sys.executable, '-m', 'selfreg_jax.report', str(fabricated_study),
+       f'--out={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
+      timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert (tmp_path / report.REPORT_MD).is_file()
+  for line in (run.stdout + run.stderr).splitlines():
+    assert 'orbax' not in line and '[process=' not in line, line

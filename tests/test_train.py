@@ -1,24 +1,38 @@
 """End-to-end training: logs, checkpoints, resume, multi-device, multi-process."""
 
+import json
 import logging
+import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
 import sys
 
+from clu import metric_writers
 import jax
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
+import tensorflow_datasets as tfds
 
+import fixtures_sources
+import tiny_configs
 import tiny_train_config
+from configs import synapse_swin
+from data_prep import build
+from data_prep.sources import synapse
 from selfreg_jax import checkpoints
+from selfreg_jax import cli
+from selfreg_jax import configuration
 from selfreg_jax import distributed
+from selfreg_jax import evaluate
 from selfreg_jax import train
 from selfreg_jax.models import create_model
 from test_checkpoints import flip_bytes, weight_file
@@ -73,24 +87,82 @@ def _main_args(config_arg, workdir, data_dir, *extra):
 
 
 def test_demo_training_lowers_loss_and_writes_logs_and_checkpoints(
-    tiny_demo_data_dir, tmp_path):
+    tiny_demo_data_dir, tmp_path, caplog):
   config = _config(tiny_demo_data_dir, num_train_steps=30, log_every_steps=5,
-                   image_summary_every_steps=10)
+                   image_summary_every_steps=10, eval_every_steps=10)
   config.optimizer.learning_rate = 3e-3
-  summary = train.train_and_evaluate(config, str(tmp_path), 'train_and_eval')
+  with caplog.at_level(logging.INFO):
+    summary = train.train_and_evaluate(config, str(tmp_path), 'train_and_eval')
+  # Step 1, then every log_every_steps steps.
+  assert list(_scalars_by_step(tmp_path, 'train/total')) == [1, 5, 10, 15, 20,
+                                                             25, 30]
   losses = _scalar_series(tmp_path, 'train/total')
-  assert len(losses) == 6
   assert losses[-1] < 0.8 * losses[0]
   tags = _events(tmp_path).Tags()['tensors']
+  names = evaluate.class_names(config.dataset)
   for tag in ('train/ce', 'train/dice', 'train/scr', 'train/ifd',
               'train/learning_rate', 'train/grad_norm',
               'train/steps_per_sec', 'train/input_prediction_truth',
-              'val/mean_dice'):
+              'val/mean_dice', 'val/mean_hd95', 'test/mean_dice',
+              *(f'val/dice/{name}' for name in names),
+              *(f'test/dice/{name}' for name in names)):
     assert tag in tags, tag
+  for constant in ('volumetric', 'image_size', 'num_slices', 'num_cases'):
+    assert f'val/{constant}' not in tags
+  assert 'train/bce' not in tags  # a multi-class model's CE
+  # The test metrics at the evaluated step, as in summary.json.
+  assert _scalars_by_step(tmp_path, 'test/mean_dice') == {
+      summary['step']: pytest.approx(summary['mean_dice'])}
+  assert _scalars_by_step(tmp_path, f'test/dice/{names[0]}') == {
+      summary['step']: pytest.approx(summary['per_class']['dice'][names[0]])}
   images = _events(tmp_path).Tensors('train/input_prediction_truth')
   assert len(images) == 3
   assert (tmp_path / checkpoints.CHECKPOINT_DIR / '30' / 'variables').is_dir()
   assert 0.0 <= summary['mean_dice'] <= 1.0
+
+  log = [r.getMessage() for r in caplog.records]
+  slices = tfds.builder(config.dataset.name, data_dir=tiny_demo_data_dir
+                        ).info.splits['train'].num_examples
+  protocol = next(i for i, m in enumerate(log) if m.startswith('Protocol '))
+  assert log[protocol] == (
+      f"Protocol 'validated': {slices} training slices in split 'train', "
+      f'{math.ceil(slices / 8)} steps per epoch (ceil({slices} / batch 8)), '
+      f'30 steps ({30 / math.ceil(slices / 8):.4g} epochs).')
+  compiled = next(i for i, m in enumerate(log)
+                  if m.startswith('Compiled the train step in '))
+  progress = [m for m in log if m.startswith('step ')]
+  assert protocol < compiled < log.index(progress[0])
+  assert progress[0].startswith('step 1/30  loss ')
+  for line in progress:
+    assert re.search(r'  [0-9.e+-]+ steps/s.*  eta \d+:\d\d:\d\d$', line), line
+  tables = [m for m in log if m.startswith('Evaluation of validation')]
+  assert [re.search(r"split 'validation', step (\d+),", m).group(1)
+          for m in tables] == ['10', '20', '30']
+
+
+def test_speeds_keep_three_significant_digits_and_durations_read_as_clocks():
+  assert train.format_speed(12.345) == '12.3 steps/s'
+  assert train.format_speed(0.0123) == '0.0123 steps/s (81.3 s/step)'
+  assert train.format_speed(0.0004) == '0.0004 steps/s (2.5e+03 s/step)'
+  assert train.format_duration(3725.4) == '1:02:05'
+  assert train.format_duration(90000) == '1 day, 1:00:00'
+
+
+def test_one_logit_models_log_their_cross_entropy_as_bce(tmp_path, caplog):
+  interval = [{'total': 1.0, 'ce': 0.5, 'dice': 0.25, 'scr': 0.125,
+               'ifd': 0.0625, 'grad_norm': 2.0, 'learning_rate': 0.1}] * 2
+  writer = metric_writers.SummaryWriter(str(tmp_path))
+  names = train.loss_names(ml_collections.ConfigDict({'num_classes': 1}))
+  with caplog.at_level(logging.INFO):
+    train._write_interval(writer, 7, 10, interval, 0.5, names)  # pylint: disable=protected-access
+  writer.close()
+  tags = _events(tmp_path).Tags()['tensors']
+  assert 'train/bce' in tags and 'train/ce' not in tags
+  assert _scalars_by_step(tmp_path, 'train/bce') == {7: 0.5}
+  line = caplog.records[-1].getMessage()
+  assert line == ('step 7/10  loss 1.0000  bce 0.5000  dice 0.2500  '
+                  'scr 0.1250  ifd 0.0625  lr 0.1  0.5 steps/s (2 s/step)  '
+                  'eta 0:00:06')
 
 
 def test_resume_reproduces_uninterrupted_run_bit_for_bit(tiny_demo_data_dir,
@@ -319,3 +391,106 @@ def test_a_failed_save_stops_the_run_at_once_in_one_line(tiny_demo_data_dir,
                 'exception was never retrieved', 'Traceback'):
     assert noise not in run.stderr
   assert not (workdir / checkpoints.CHECKPOINT_DIR / '15').exists()
+
+
+@pytest.fixture(scope='module')
+def synapse_without_validation(tmp_path_factory):
+  """A TFDS data dir holding a synthetic Synapse-shaped set of the 18
+  training and 12 test cases, built with --val-cases 0."""
+  root = tmp_path_factory.mktemp('synapse')
+  fixtures_sources.write_transunet_copy(root / 'Synapse', synapse.TRAIN_CASES,
+                                        synapse.TEST_CASES)
+  build.build_dataset('synapse', src=root / 'Synapse', data_dir=root / 'tfds',
+                      val_cases=0)
+  return root / 'tfds'
+
+
+def _synapse_paper_config(data_dir):
+  """The Synapse Swin-UNet recipe (protocol 'paper') with the tiny UNet."""
+  config = synapse_swin.get_config()
+  config.model = tiny_configs.tiny_unet()
+  config.model.num_classes = config.dataset.num_classes
+  config.dataset.update(data_dir=str(data_dir),
+                        image_size=tiny_configs.IMAGE_SIZES[0])
+  config.loss.use_selfreg = False  # the protocol is under test, not the loss
+  config.update(batch_size=8, num_epochs=3, log_every_steps=5,
+                image_summary_every_steps=0, checkpoint_every_steps=1000,
+                keep_checkpoints=1)
+  config.eval.update(batch_size=8, checkpoint='epoch:2')
+  return config
+
+
+def test_synapse_paper_protocol_trains_on_all_cases_and_tests_the_fixed_epoch(
+    synapse_without_validation, tmp_path, caplog):
+  config = _synapse_paper_config(synapse_without_validation)
+  assert config.protocol == 'paper'
+  with caplog.at_level(logging.INFO):
+    summary = train.train_and_evaluate(config, str(tmp_path))
+  # All 18 training cases; ceil(N / B) steps per epoch (36 = 4 x 8 + 4).
+  slices = len(synapse.TRAIN_CASES) * fixtures_sources.SLICES_PER_CASE
+  epoch_steps = -(-slices // config.batch_size)
+  assert (slices, epoch_steps) == (36, 5)
+  expected = dict(protocol='paper', train_slices=slices,
+                  steps_per_epoch=epoch_steps, checkpoint='epoch:2',
+                  epoch=2.0, step=2 * epoch_steps,
+                  num_cases=len(synapse.TEST_CASES))
+  assert {key: summary[key] for key in expected} == expected
+  saved = json.loads(
+      (tmp_path / evaluate.EVAL_DIR / f'test_step{2 * epoch_steps}' /
+       evaluate.SUMMARY_FILE).read_text())
+  assert {key: saved[key] for key in expected} == expected
+  # The tested step is kept besides the last one (keep_checkpoints=1).
+  with checkpoints.create_manager(tmp_path, read_only=True) as manager:
+    assert manager.all_steps() == [2 * epoch_steps, 3 * epoch_steps]
+  log = [r.getMessage() for r in caplog.records]
+  assert any(m.startswith(f"Protocol 'paper': {slices} training slices ")
+             for m in log)
+  assert not any(m.startswith('Evaluation of validation') for m in log)
+  assert not any(tag.startswith('val/')
+                 for tag in _events(tmp_path).Tags()['tensors'])
+
+
+def test_protocols_refuse_data_sets_built_for_the_other_one(
+    synapse_without_validation, tiny_demo_data_dir, tmp_path):
+  config = _synapse_paper_config(synapse_without_validation)
+  config.protocol = 'validated'
+  with pytest.raises(cli.UserError, match=(
+      "config.protocol='validated' validates on split 'validation', which "
+      '.*selfreg_synapse.* does not have')):
+    train.train_and_evaluate(config, str(tmp_path / 'validated'))
+  config = _config(tiny_demo_data_dir, protocol='paper')
+  config.eval.checkpoint = 'latest'
+  with pytest.raises(cli.UserError, match=(
+      "config.protocol='paper' trains on every training case, but .* keeps "
+      r"\d+ slices out of training in split 'validation'; build the set with "
+      '--val-cases 0')):
+    train.train_and_evaluate(config, str(tmp_path / 'paper'))
+  config = _synapse_paper_config(synapse_without_validation)
+  config.update(num_epochs=-1, num_train_steps=4)
+  config.eval.checkpoint = 'epoch:1'
+  with pytest.raises(cli.UserError, match=(
+      r"config.eval.checkpoint='epoch:1' is step 5, but the run trains steps "
+      r'1 to 4 \(5 per epoch\)')):
+    train.train_and_evaluate(config, str(tmp_path / 'short'))
+  assert not list(tmp_path.rglob('checkpoints'))
+
+
+@pytest.mark.parametrize('overrides,message', [
+    (dict(protocol='paper'), "config.eval.checkpoint='best' selects by "
+     "validation Dice, but config.protocol='paper' runs no validation"),
+    (dict(protocol='paper', early_stopping_patience=3, checkpoint='latest'),
+     "config.early_stopping_patience=3 counts validations, which "
+     "config.protocol='paper' does not run"),
+    (dict(checkpoint='epoch:0'), "config.eval.checkpoint 'epoch:0': write "
+     'epoch:N with N >= 1'),
+    (dict(checkpoint='epoch:151'), "config.eval.checkpoint='epoch:151' is "
+     r'after the last epoch \(config.num_epochs=150\)'),
+    (dict(checkpoint='final'), "config.eval.checkpoint='final': choose "),
+    (dict(protocol='paperr'), "config.protocol='paperr': choose one of"),
+])
+def test_protocol_settings_that_cannot_work_are_refused(overrides, message):
+  config = synapse_swin.get_config()
+  config.eval.checkpoint = overrides.pop('checkpoint', 'best')
+  config.update(overrides)
+  with pytest.raises(configuration.ConfigError, match=message):
+    configuration.validate(config, device_count=1, process_count=1)
