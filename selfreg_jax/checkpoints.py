@@ -100,14 +100,16 @@ def _is_abandoned_io(unraisable: Any) -> bool:
 def _is_abandoned_task_report(record: std_logging.LogRecord) -> bool:
   """Whether a log record is asyncio's report of a failed orbax task.
 
-  A task of orbax's that failed besides the failure orbax raises is never
-  awaited; asyncio logs it with its traceback when it is collected
-  ('Task exception was never retrieved', then the task's repr, which names
-  the file of its coroutine).
+  A task or future of orbax's that failed besides the failure orbax raises
+  is never awaited; asyncio logs it with its traceback when it is collected
+  ('Task exception was never retrieved' with the task's repr, which names
+  the file of its coroutine, or 'Future exception was never retrieved' with
+  the error, which names the step's temporary folder).
   """
   message = record.getMessage()
   return ('exception was never retrieved' in message
-          and f'{os.sep}orbax{os.sep}' in message)
+          and (f'{os.sep}orbax{os.sep}' in message
+               or '.orbax-checkpoint-tmp' in message))
 
 
 @functools.cache

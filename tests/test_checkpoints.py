@@ -299,3 +299,21 @@ def test_a_nonfinite_step_saved_without_checksums_is_passed_over(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, restored[name], tree)
   assert (tmp_path / checkpoints.CHECKPOINT_DIR / checkpoints.CORRUPT_DIR /
           str(STEPS[-1])).is_dir()
+
+
+@pytest.mark.parametrize('message, abandoned', [
+    ('Task exception was never retrieved\nfuture: <Task finished coro=<f() '
+     'done, defined at /venv/orbax/checkpoint/x.py:1> exception=OSError()>',
+     True),
+    ('Future exception was never retrieved\nfuture: <Future finished '
+     "exception=ValueError('Error writing \"a/0\" at local file "
+     "\"run/checkpoints/15.orbax-checkpoint-tmp/train\"')>", True),
+    ('Future exception was never retrieved\nfuture: <Future finished '
+     "exception=ValueError('elsewhere')>", False),
+])
+def test_only_orbax_abandoned_writes_are_kept_out_of_the_log(message,
+                                                             abandoned):
+  record = logging.LogRecord('asyncio', logging.ERROR, __file__, 1, message,
+                             None, None)
+  # pylint: disable-next=protected-access
+  assert checkpoints._is_abandoned_task_report(record) == abandoned

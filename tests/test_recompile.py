@@ -82,8 +82,10 @@ def _recording():
 
   handler = _ProgressHandler(timeline)
   absl_logger = logging.get_absl_logger()
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.INFO)
+  # The logger's own level, restored as it was (often unset): restoring
+  # get_verbosity() would pin it to the root's WARNING for later tests.
+  level = absl_logger.level
+  absl_logger.setLevel(python_logging.INFO)
   absl_logger.addHandler(handler)
   jax.monitoring.register_event_duration_secs_listener(on_duration)
   try:
@@ -91,7 +93,7 @@ def _recording():
   finally:
     jax.monitoring.unregister_event_duration_listener(on_duration)
     absl_logger.removeHandler(handler)
-    logging.set_verbosity(verbosity)
+    absl_logger.setLevel(level)
 
 
 def _compiled(timeline) -> list[str]:
