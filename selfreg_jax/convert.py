@@ -39,12 +39,12 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
 from selfreg_jax import checkpoints
 from selfreg_jax import cli
+from selfreg_jax import models
 from selfreg_jax import pretrained
 from selfreg_jax import runtime
 from selfreg_jax import torch_io
@@ -77,11 +77,8 @@ _UNET_TRACE_SIZE = 32
 def abstract_variables(model_config: ml_collections.ConfigDict) -> Any:
   """Shapes and dtypes of the model's variables, without computing them."""
   model = create_model(model_config)
-  size = getattr(model, 'image_size', _UNET_TRACE_SIZE)
-  images = jax.ShapeDtypeStruct((1, size, size, model.in_channels),
-                                jnp.float32)
-  return jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False), images)
+  return models.abstract_variables(
+      model, getattr(model, 'image_size', _UNET_TRACE_SIZE))
 
 
 def torch_to_orbax(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path,

@@ -56,6 +56,7 @@ from selfreg_jax import files
 from selfreg_jax import inference
 from selfreg_jax import input_pipeline
 from selfreg_jax import metrics
+from selfreg_jax import models
 from selfreg_jax import visualize
 from selfreg_jax.models import create_model
 
@@ -276,10 +277,7 @@ def evaluate_split(config: ml_collections.ConfigDict, model, variables: Any,
 def abstract_variables(config: ml_collections.ConfigDict, model,
                        mesh: jax.sharding.Mesh) -> Any:
   """Shapes, dtypes and (replicated) shardings of the model's variables."""
-  size, channels = config.dataset.image_size, config.dataset.in_channels
-  shapes = jax.eval_shape(
-      lambda key: model.init(key, jnp.zeros((1, size, size, channels)),
-                             train=False), jax.random.key(0))
+  shapes = models.abstract_variables(model, config.dataset.image_size)
   replicated = inference.replicated_sharding(mesh)
   return jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),

@@ -1,5 +1,10 @@
 """Model registry: build a model from `config.model`."""
 
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from selfreg_jax.models.features import Features
@@ -8,7 +13,8 @@ from selfreg_jax.models.unet import UNet
 
 MODELS = {'unet': UNet, 'swin_unet': SwinUNet}
 
-__all__ = ['Features', 'MODELS', 'SwinUNet', 'UNet', 'create_model']
+__all__ = ['Features', 'MODELS', 'SwinUNet', 'UNet', 'abstract_variables',
+           'create_model']
 
 
 def create_model(model_config: ml_collections.ConfigDict, **overrides):
@@ -32,3 +38,12 @@ def create_model(model_config: ml_collections.ConfigDict, **overrides):
     raise ValueError(f'config.model has fields {sorted(unknown)} that '
                      f'{model_cls.__name__} does not take.')
   return model_cls(**kwargs)
+
+
+def abstract_variables(model: nn.Module, image_size: int) -> Any:
+  """Shapes and dtypes of `model`'s variables, traced on one float32
+  (1, image_size, image_size, model.in_channels) input without computing."""
+  images = jax.ShapeDtypeStruct(
+      (1, image_size, image_size, model.in_channels), jnp.float32)
+  return jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False), images)
