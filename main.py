@@ -4,14 +4,14 @@
   python main.py --config configs/demo.py --workdir runs/demo \
       --config.num_train_steps=100 --mode train_and_eval
 
-Multi-process runs join their job through `selfreg_jax.distributed.initialize`:
+Multi-process runs join their job through `selfreg_jax.common.distributed.initialize`:
 explicitly when the launcher sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
 and JAX_PROCESS_ID (e.g. two CPU processes on one machine), or with JAX's
 cluster auto-detection on a Cloud TPU pod slice, under SLURM or Open MPI.
 """
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from selfreg_jax import runtime
+from selfreg_jax.common import runtime
 
 if __name__ == '__main__':
   # Smaller XLA:CPU buffers on huge pages (restarts once), before the heavy
@@ -25,9 +25,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from selfreg_jax import checkpoints
-from selfreg_jax import cli
-from selfreg_jax import distributed
+from selfreg_jax.core import checkpoints
+from selfreg_jax.common import cli
+from selfreg_jax.common import distributed
 from selfreg_jax import train
 
 FLAGS = flags.FLAGS

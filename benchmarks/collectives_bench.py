@@ -2,13 +2,13 @@
 
 Compile-only, on CPU devices whatever the machine. For every model, the
 training loop's step of the Synapse recipe (`configs/synapse_swin.py`: 224
-px, fp32, SelfReg on) is compiled by `python -m selfreg_jax.collectives` in
+px, fp32, SelfReg on) is compiled by `python -m selfreg_jax.tools.collectives` in
 fresh processes (`distributed.launch_local`), in two layouts:
 - 1 process x 64 devices (the device count of a v5e-64 slice), and
 - 2 processes x 4 devices (jax.distributed across processes, as on a
   multi-host pod),
 at the recipe's global batch rounded up to a multiple of the devices. A
-record is `selfreg_jax.collectives.analyse`'s: the collectives of each kind
+record is `selfreg_jax.tools.collectives.analyse`'s: the collectives of each kind
 (instructions, arrays, bytes), the parameters' bytes, the bytes their
 gradients' all-reduce must move (`collectives.gradient_bytes`) and the
 all-reduced bytes beyond those (BatchNorm statistics, loss terms), and the
@@ -25,8 +25,8 @@ from typing import Any, Iterator, Sequence
 from benchmarks import model_setup
 from benchmarks import settings as settings_lib
 from configs import synapse_swin
-from selfreg_jax import collectives
-from selfreg_jax import distributed
+from selfreg_jax.tools import collectives
+from selfreg_jax.common import distributed
 
 SUITE = 'collectives'
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def analyse(name: str, processes: int, devices_per_process: int,
   with tempfile.TemporaryDirectory() as folder:
     out = pathlib.Path(folder) / 'record.json'
     results = distributed.launch_local(
-        ['-m', 'selfreg_jax.collectives', f'--config={RECIPE}:{name}',
+        ['-m', 'selfreg_jax.tools.collectives', f'--config={RECIPE}:{name}',
          f'--out={out}',
          *_overrides(name, processes * devices_per_process, smoke)],
         num_processes=processes, devices_per_process=devices_per_process,

@@ -1,6 +1,6 @@
 """Suite `inference`: slices/s of the evaluation predictor.
 
-For every model and dtype: `selfreg_jax.inference.make_predict_fn` over all
+For every model and dtype: `selfreg_jax.evaluation.inference.make_predict_fn` over all
 devices, on a host (NumPy) batch of synthetic slices at the model's input
 size, as evaluation feeds it. The first call (compile + run) is reported
 apart; slices/s comes from the median of the later calls.
@@ -15,7 +15,7 @@ import numpy as np
 from benchmarks import model_setup
 from benchmarks import settings as settings_lib
 from benchmarks import timing
-from selfreg_jax import inference
+from selfreg_jax.evaluation import inference
 
 SUITE = 'inference'
 BATCH_SIZE = 8

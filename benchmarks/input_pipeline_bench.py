@@ -19,7 +19,7 @@ import ml_collections
 from benchmarks import settings as settings_lib
 from data_prep import build
 from data_prep import demo
-from selfreg_jax import input_pipeline
+from selfreg_jax.core import input_pipeline
 
 SUITE = 'input_pipeline'
 WORKER_COUNTS = (0, 1, 2)

@@ -1,4 +1,4 @@
-"""Speed of `selfreg_jax.metrics` against the whole-volume (MedPy-style) way.
+"""Speed of `selfreg_jax.evaluation.metrics` against the whole-volume (MedPy-style) way.
 
 Builds a synthetic CT-like case: `--classes` organ-like ellipsoids with
 irregular borders in a `--depth` x `--size` x `--size` label volume, the
@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from benchmarks import settings as settings_lib
 from benchmarks import timing
-from selfreg_jax import metrics
+from selfreg_jax.evaluation import metrics
 
 SUITE = 'metrics'
 

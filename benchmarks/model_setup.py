@@ -18,7 +18,7 @@ import optax
 
 from configs import base
 from selfreg_jax import train
-from selfreg_jax.models import create_model
+from selfreg_jax.core.models import create_model
 
 SMOKE_IMAGE_SIZE = 32
 SMOKE_MODEL_FIELDS = {

@@ -44,7 +44,7 @@ import jax
 
 from benchmarks import settings as settings_lib
 from benchmarks import timing
-from selfreg_jax import runtime
+from selfreg_jax.common import runtime
 
 # Suite name -> module with measurements(settings, earlier_records) and
 # summary_line(record).

@@ -1,7 +1,7 @@
 """Suite `selfreg_loss`: the SelfReg terms alone, value and gradient.
 
 For every model, dtype and batch size: the feature taps of one forward pass
-(`train=False`) feed `selfreg_jax.losses.selfreg_loss`; the jit-compiled
+(`train=False`) feed `selfreg_jax.core.losses.selfreg_loss`; the jit-compiled
 value and gradient of SCR + IFD with respect to those features is timed,
 and compared with the SelfReg train step of the same model, batch and dtype:
 the one the `train_step` suite measured in this invocation, else one timed
@@ -16,7 +16,7 @@ from benchmarks import model_setup
 from benchmarks import settings as settings_lib
 from benchmarks import timing
 from benchmarks import train_step_bench
-from selfreg_jax import losses
+from selfreg_jax.core import losses
 
 SUITE = 'selfreg_loss'
 LOSS_KEY_SEED = 3

@@ -13,7 +13,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 
-from selfreg_jax import files
+from selfreg_jax.common import files
 
 
 def device_summary() -> dict[str, Any]:

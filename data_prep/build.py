@@ -38,7 +38,7 @@ import tensorflow_datasets as tfds
 
 from data_prep import builders
 from data_prep import sources
-from selfreg_jax import cli
+from selfreg_jax.common import cli
 
 
 def default_data_dir() -> pathlib.Path:

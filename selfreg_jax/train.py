@@ -34,16 +34,16 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from selfreg_jax import checkpoints
-from selfreg_jax import cli
-from selfreg_jax import configuration
-from selfreg_jax import evaluate
-from selfreg_jax import inference
-from selfreg_jax import input_pipeline
-from selfreg_jax import losses
-from selfreg_jax import pretrained
-from selfreg_jax import visualize
-from selfreg_jax.models import create_model
+from selfreg_jax.core import checkpoints
+from selfreg_jax.common import cli
+from selfreg_jax.core import configuration
+from selfreg_jax.evaluation import evaluate
+from selfreg_jax.evaluation import inference
+from selfreg_jax.core import input_pipeline
+from selfreg_jax.core import losses
+from selfreg_jax.interop import pretrained
+from selfreg_jax.evaluation import visualize
+from selfreg_jax.core.models import create_model
 
 IMAGES_PER_SUMMARY = 3
 

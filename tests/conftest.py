@@ -30,7 +30,7 @@ for path in (ROOT, ROOT / 'tests'):
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
 
-from selfreg_jax import runtime
+from selfreg_jax.common import runtime
 
 # What the entry points set (the classic threefry scheme, ...), here for the
 # library code the tests run in this process and the processes they start.

@@ -16,11 +16,11 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import tiny_configs
 import tiny_train_config
-from selfreg_jax import analysis
-from selfreg_jax import checkpoints
-from selfreg_jax import cli
-from selfreg_jax import input_pipeline
-from selfreg_jax.models import create_model
+from selfreg_jax.tools import analysis
+from selfreg_jax.core import checkpoints
+from selfreg_jax.common import cli
+from selfreg_jax.core import input_pipeline
+from selfreg_jax.core.models import create_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE = tiny_configs.IMAGE_SIZES[0]
@@ -159,7 +159,7 @@ def test_analyze_case_writes_figures_json_and_tensorboard(tiny_demo_data_dir,
 
 def _analysis_cli(workdir, data_dir, case_id, *overrides):
   return subprocess.run(
-      [sys.executable, '-m', 'selfreg_jax.analysis',
+      [sys.executable, '-m', 'selfreg_jax.tools.analysis',
        f'--config={ROOT / "tests" / "tiny_train_config.py"}:unet',
        f'--workdir={workdir}', f'--case={case_id}', '--checkpoint=latest',
        f'--config.dataset.data_dir={data_dir}', *overrides],

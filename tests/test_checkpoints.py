@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from selfreg_jax import checkpoints
+from selfreg_jax.core import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEVICES = 8
@@ -41,7 +41,7 @@ import jax
 import ml_collections
 import numpy as np
 from jax import monitoring
-from selfreg_jax import checkpoints
+from selfreg_jax.core import checkpoints
 
 workdir, shapes = sys.argv[1], json.loads(sys.argv[2])
 compiles = []

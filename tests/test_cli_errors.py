@@ -14,7 +14,7 @@ import sys
 import ml_collections
 import pytest
 
-from selfreg_jax import cli
+from selfreg_jax.common import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROBE_TIMEOUT_S = 600
@@ -31,23 +31,23 @@ PROBES = {
          '--config.optimizer.learning_rate=inf'],
         'error: config.optimizer.learning_rate=inf must be a finite number.'),
     'sweep_unknown_grid_key': (
-        ['-m', 'selfreg_jax.sweep', '--config=configs/demo.py',
+        ['-m', 'selfreg_jax.tools.sweep', '--config=configs/demo.py',
          '--workdir={tmp}/out', '--grid=loss.scr_weigt=0,0.01',
          '--print-commands'],
         "error: unknown config key 'loss.scr_weigt' (did you mean "
         "'loss.scr_weight'?)"),
     'convert_unknown_key': (
-        ['-m', 'selfreg_jax.convert', '--from-torch={tmp}/trained.pth',
+        ['-m', 'selfreg_jax.interop.convert', '--from-torch={tmp}/trained.pth',
          '--config=configs/demo.py', '--out={tmp}/out',
          '--config.model.nme=unet'],
         "error: unknown config key 'model.nme' (did you mean 'model.name'?)"),
     'analysis_without_checkpoint': (
-        ['-m', 'selfreg_jax.analysis', '--config=configs/demo.py',
+        ['-m', 'selfreg_jax.tools.analysis', '--config=configs/demo.py',
          '--workdir={tmp}/out', '--case=test_000'],
         'error: No checkpoint in {tmp}/out/checkpoints: train first or '
         'convert a PyTorch checkpoint into it.'),
     'report_without_runs': (
-        ['-m', 'selfreg_jax.report', '{tmp}/out'],
+        ['-m', 'selfreg_jax.tools.report', '{tmp}/out'],
         'error: {tmp}/out: no such folder.'),
     'build_from_empty_folder': (
         ['-m', 'data_prep.build', 'synapse', '--src={tmp}/empty',

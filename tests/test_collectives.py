@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import tiny_train_config
-from selfreg_jax import collectives
-from selfreg_jax import distributed
-from selfreg_jax.models import create_model
+from selfreg_jax.tools import collectives
+from selfreg_jax.common import distributed
+from selfreg_jax.core.models import create_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILE = ROOT / 'tests' / 'tiny_train_config.py'
@@ -93,7 +93,7 @@ def test_sharded_step_all_reduces_gradients_and_statistics_only(model_name,
   # GLIBC_TUNABLES set: no restart with huge pages, which speed up steps, not
   # compiles.
   results = distributed.launch_local(
-      ['-m', 'selfreg_jax.collectives', f'--config={CONFIG_FILE}:{model_name}',
+      ['-m', 'selfreg_jax.tools.collectives', f'--config={CONFIG_FILE}:{model_name}',
        f'--out={out}'],
       num_processes=PROCESSES, devices_per_process=DEVICES_PER_PROCESS,
       timeout=600, cwd=ROOT, env=dict(os.environ, GLIBC_TUNABLES=''))

@@ -9,10 +9,10 @@ import pytest
 import tiny_train_config
 from configs import demo
 from configs import synapse_swin
-from selfreg_jax import cli
-from selfreg_jax import configuration
-from selfreg_jax.models import create_model
-from selfreg_jax.models import unet
+from selfreg_jax.common import cli
+from selfreg_jax.core import configuration
+from selfreg_jax.core.models import create_model
+from selfreg_jax.core.models import unet
 
 # Devices and processes validate() is told about (the batch checks).
 DEVICES = 8
@@ -149,7 +149,7 @@ def test_pretrained_init_needs_the_swin_unet_and_an_existing_file(tmp_path):
   config = synapse_swin.get_config()
   config.init.pretrained = str(tmp_path / 'swin_tiny.pth')
   with pytest.raises(configuration.ConfigError,
-                     match=rf'pretrained=.*swin_tiny\.pth.*: no such file'):
+                     match=r'pretrained=.*swin_tiny\.pth.*: no such file'):
     _validate(config)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from selfreg_jax.models import conv
+from selfreg_jax.core.models import conv
 
 # (kernel, stride, padding, in channels, out channels, image size): the
 # UNet's 3x3 "same" conv (even and odd sizes), 1x1 convs, the Swin patch

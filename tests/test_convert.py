@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import tiny_configs as tc
-from selfreg_jax import checkpoints
-from selfreg_jax import convert
-from selfreg_jax import pretrained
-from selfreg_jax import torch_io
+from selfreg_jax.core import checkpoints
+from selfreg_jax.interop import convert
+from selfreg_jax.interop import pretrained
+from selfreg_jax.interop import torch_io
 from test_pretrained import (abstract, assert_trees_equal, learnable,
                              random_state_dict, random_variables,
                              reference_shapes)
@@ -48,7 +48,7 @@ def _torch_file(path, state_dict, prefix=''):
 
 def _cli(*args):
   return subprocess.run(
-      [sys.executable, '-m', 'selfreg_jax.convert', *map(str, args)],
+      [sys.executable, '-m', 'selfreg_jax.interop.convert', *map(str, args)],
       cwd=ROOT, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
       env=dict(os.environ, JAX_PLATFORMS='cpu'), check=False)
 

@@ -18,8 +18,8 @@ from data_prep import builders
 from data_prep import demo
 from data_prep import sources
 from data_prep.sources import acdc, synapse
-from selfreg_jax import cli
-from selfreg_jax import input_pipeline
+from selfreg_jax.common import cli
+from selfreg_jax.core import input_pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A tiny demo set: a few small cases per split.

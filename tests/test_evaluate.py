@@ -1,4 +1,4 @@
-"""Tests of selfreg_jax.evaluate on tiny models, constructed cases and a
+"""Tests of selfreg_jax.evaluation.evaluate on tiny models, constructed cases and a
 tiny built demo data set (CPU)."""
 
 import csv
@@ -16,14 +16,14 @@ from tensorboard.util import tensor_util
 from configs import base
 from data_prep import build
 from data_prep import demo
-from selfreg_jax import checkpoints
-from selfreg_jax import cli
-from selfreg_jax import evaluate
-from selfreg_jax import inference
-from selfreg_jax import input_pipeline
-from selfreg_jax import metrics
-from selfreg_jax import visualize
-from selfreg_jax.models import create_model
+from selfreg_jax.core import checkpoints
+from selfreg_jax.common import cli
+from selfreg_jax.evaluation import evaluate
+from selfreg_jax.evaluation import inference
+from selfreg_jax.core import input_pipeline
+from selfreg_jax.evaluation import metrics
+from selfreg_jax.evaluation import visualize
+from selfreg_jax.core.models import create_model
 from test_inference import BATCH_SIZE
 from test_inference import IMAGE_SIZE
 from test_inference import make_mesh

@@ -1,11 +1,11 @@
-"""Tests for selfreg_jax.files: whole-file writes with the umask's mode."""
+"""Tests for selfreg_jax.common.files: whole-file writes with the umask's mode."""
 
 import json
 import os
 
 import pytest
 
-from selfreg_jax import files
+from selfreg_jax.common import files
 
 OLD, NEW = b'old contents\n', b'new contents\n'
 

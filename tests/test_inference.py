@@ -1,4 +1,4 @@
-"""Tests of selfreg_jax.inference on tiny models (CPU)."""
+"""Tests of selfreg_jax.evaluation.inference on tiny models (CPU)."""
 
 import os
 import pathlib
@@ -11,8 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from selfreg_jax import inference
-from selfreg_jax.models import create_model
+from selfreg_jax.evaluation import inference
+from selfreg_jax.core.models import create_model
 import tiny_configs
 
 IMAGE_SIZE = tiny_configs.IMAGE_SIZES[0]
@@ -206,8 +206,8 @@ def test_bad_inputs_raise_clear_errors(unet):
 _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     import jax
     import numpy as np
-    from selfreg_jax import inference
-    from selfreg_jax.models import create_model
+    from selfreg_jax.evaluation import inference
+    from selfreg_jax.core.models import create_model
     import test_inference as t
 
     assert jax.device_count() == {devices}

@@ -12,8 +12,8 @@ from scipy import ndimage
 
 from data_prep import build
 from data_prep import demo
-from selfreg_jax import inference
-from selfreg_jax import input_pipeline
+from selfreg_jax.evaluation import inference
+from selfreg_jax.core import input_pipeline
 
 # Tiny demo set with square slices of SLICE_SIZE px (so an image_size of
 # SLICE_SIZE leaves slices untouched) and cases of varying depth.

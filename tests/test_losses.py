@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import tiny_configs as tc
-from selfreg_jax import losses
-from selfreg_jax.models import create_model
+from selfreg_jax.core import losses
+from selfreg_jax.core.models import create_model
 
 RNG = np.random.default_rng(0)
 

@@ -1,4 +1,4 @@
-"""selfreg_jax.metrics against brute-force and whole-volume references."""
+"""selfreg_jax.evaluation.metrics against brute-force and whole-volume references."""
 
 import itertools
 import json
@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage
 
 from benchmarks import metrics_bench
-from selfreg_jax import metrics
+from selfreg_jax.evaluation import metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL_SHAPES = ((11, 13), (6, 7, 8))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import tiny_configs as tc
-from selfreg_jax.models import Features, create_model
-from selfreg_jax.models.batch_norm import BatchNorm
-from selfreg_jax.models.swin_unet import DropPath
-from selfreg_jax.models.unet import align_corners_matrix
+from selfreg_jax.core.models import Features, create_model
+from selfreg_jax.core.models.batch_norm import BatchNorm
+from selfreg_jax.core.models.swin_unet import DropPath
+from selfreg_jax.core.models.unet import align_corners_matrix
 
 
 def _init(model, image_size, channels=1):

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import tiny_train_config
-from selfreg_jax import inference
-from selfreg_jax import input_pipeline
+from selfreg_jax.evaluation import inference
+from selfreg_jax.core import input_pipeline
 from selfreg_jax import train
-from selfreg_jax.models import create_model
+from selfreg_jax.core.models import create_model
 
 COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 RUN_STEPS = 4

@@ -1,4 +1,4 @@
-"""The entry points' process setup (selfreg_jax.runtime): XLA:CPU's
+"""The entry points' process setup (selfreg_jax.common.runtime): XLA:CPU's
 memory-minimising schedule, the restart with glibc's huge-page tunable, and
 JAX's random-number scheme, set by the entry points and not by importing."""
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from selfreg_jax import runtime
+from selfreg_jax.common import runtime
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Prints the process id before and after the (possible) restart, and the
@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = '''
 import os, sys
 print('start', os.getpid(), flush=True)
-from selfreg_jax import runtime
+from selfreg_jax.common import runtime
 runtime.restart_with_huge_pages()
 print('tunables', os.environ.get('GLIBC_TUNABLES'), os.getpid())
 '''
@@ -59,14 +59,14 @@ def test_tunables_set_by_the_user_are_kept_and_nothing_restarts():
 SCHEDULE_BATCH = 8
 TEMP_BYTES_SCRIPT = '''
 import functools, sys
-from selfreg_jax import runtime
+from selfreg_jax.common import runtime
 if sys.argv[1] == 'memory':
   runtime.schedule_for_memory()
 import jax, optax
 sys.path.insert(0, 'tests')
 import tiny_configs, tiny_train_config
 from selfreg_jax import train
-from selfreg_jax.models import create_model
+from selfreg_jax.core.models import create_model
 config = tiny_train_config.get_config('unet')
 config.dataset.image_size = size = tiny_configs.IMAGE_SIZES[-1]
 batch_size = int(sys.argv[2])
@@ -137,7 +137,8 @@ def test_schedule_flag_is_left_out_where_an_accelerator_plugin_is_installed(
 THREEFRY_SCRIPT = '''
 import subprocess, sys
 import jax
-from selfreg_jax import runtime, train  # noqa: F401  (the library's imports)
+from selfreg_jax import train  # noqa: F401  (the library's imports)
+from selfreg_jax.common import runtime
 print(jax.config.jax_threefry_partitionable)
 runtime.configure_libraries()
 print(jax.config.jax_threefry_partitionable)

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selfreg_jax import losses
-from selfreg_jax.models import Features
+from selfreg_jax.core import losses
+from selfreg_jax.core.models import Features
 
 FIXTURE = (pathlib.Path(__file__).resolve().parents[2] / 'shared' /
            'fixtures' / 'selfreg_reference.npz')

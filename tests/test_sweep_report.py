@@ -15,13 +15,13 @@ from PIL import Image
 
 import tiny_train_config
 from configs.studies import monuseg_cpu
-from selfreg_jax import checkpoints
-from selfreg_jax import cli
-from selfreg_jax import configuration
-from selfreg_jax import evaluate
-from selfreg_jax import files
-from selfreg_jax import report
-from selfreg_jax import sweep
+from selfreg_jax.core import checkpoints
+from selfreg_jax.common import cli
+from selfreg_jax.core import configuration
+from selfreg_jax.evaluation import evaluate
+from selfreg_jax.common import files
+from selfreg_jax.tools import report
+from selfreg_jax.tools import sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILE = ROOT / 'tests' / 'tiny_train_config.py'
@@ -152,7 +152,7 @@ def test_grid_flags_and_printed_commands():
                     {'seed': 2, 'loss.scr_weight': 0},
                     {'seed': 2, 'loss.scr_weight': 0.01}]
   run = subprocess.run(
-      [sys.executable, '-m', 'selfreg_jax.sweep',
+      [sys.executable, '-m', 'selfreg_jax.tools.sweep',
        f'--config={CONFIG_FILE}:unet', '--workdir=/sweeps/a',
        '--grid=loss.scr_weight=0,0.01', '--grid=seed=1,2',
        '--config.num_train_steps=5', '--print-commands'],
@@ -299,7 +299,7 @@ def test_report_cli_prints_no_library_info_lines(fabricated_study, tmp_path):
   """Reading each run's saved config goes through orbax, whose INFO lines
   (tagged '[process=N]') the entry point hides."""
   run = subprocess.run(
-      [sys.executable, '-m', 'selfreg_jax.report', str(fabricated_study),
+      [sys.executable, '-m', 'selfreg_jax.tools.report', str(fabricated_study),
        f'--out={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
       timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Tests for selfreg_jax.torch_io on torch.save-format files written here.
+"""Tests for selfreg_jax.interop.torch_io on torch.save-format files written here.
 
 torch is not installed: `_write_torch_zip` mimics torch.save (torch >= 1.6).
 A pure-Python pickler emits the same GLOBAL opcodes torch does
@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from selfreg_jax import torch_io
+from selfreg_jax.interop import torch_io
 
 ROWS, COLS = 4, 6
 SEED = 0

@@ -28,13 +28,13 @@ import tiny_train_config
 from configs import synapse_swin
 from data_prep import build
 from data_prep.sources import synapse
-from selfreg_jax import checkpoints
-from selfreg_jax import cli
-from selfreg_jax import configuration
-from selfreg_jax import distributed
-from selfreg_jax import evaluate
+from selfreg_jax.core import checkpoints
+from selfreg_jax.common import cli
+from selfreg_jax.core import configuration
+from selfreg_jax.common import distributed
+from selfreg_jax.evaluation import evaluate
 from selfreg_jax import train
-from selfreg_jax.models import create_model
+from selfreg_jax.core.models import create_model
 from test_checkpoints import flip_bytes, weight_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ rerun the same command after an interruption); the sweep writes report.md,
 report.csv, arms.csv and mean_dice.png into its workdir:
 
   python -m data_prep.build monuseg --src ../shared/data/MoNuSeg
-  python -m selfreg_jax.sweep --config configs/studies/monuseg_cpu.py \
+  python -m selfreg_jax.tools.sweep --config configs/studies/monuseg_cpu.py \
       --workdir runs/monuseg_cpu
 
 Protocol (results/monuseg_cpu/README.md has the measurements behind it):

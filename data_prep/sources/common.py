@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep import sources
-from selfreg_jax import torch_io
+from selfreg_jax.interop import torch_io
 
 Example = dict
 KeyedExample = tuple[str, Example]

@@ -1,6 +1,6 @@
 """Grad-CAM maps and channel similarity of a trained model's feature taps.
 
-  python -m selfreg_jax.analysis --config configs/demo.py --workdir RUN \
+  python -m selfreg_jax.tools.analysis --config configs/demo.py --workdir RUN \
       --case demo_test_000 --class 1 --split test
 
 For one case of a split, the slice with the most truth pixels of class K (the
@@ -56,15 +56,15 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
-from selfreg_jax import cli
-from selfreg_jax import configuration
-from selfreg_jax import evaluate
-from selfreg_jax import files
-from selfreg_jax import inference
-from selfreg_jax import input_pipeline
-from selfreg_jax import runtime
-from selfreg_jax import visualize
-from selfreg_jax.models import Features
+from selfreg_jax.common import cli
+from selfreg_jax.core import configuration
+from selfreg_jax.evaluation import evaluate
+from selfreg_jax.common import files
+from selfreg_jax.evaluation import inference
+from selfreg_jax.core import input_pipeline
+from selfreg_jax.common import runtime
+from selfreg_jax.evaluation import visualize
+from selfreg_jax.core.models import Features
 
 ANALYSIS_DIR = 'analysis'
 # NaN (e.g. the similarity of a one-channel tap) -> null.

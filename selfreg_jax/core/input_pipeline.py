@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage
 import tensorflow_datasets as tfds
 
-from selfreg_jax import cli
+from selfreg_jax.common import cli
 
 # Probability of each augmentation branch (docs/design.md section 3).
 _ROT_FLIP_PROBABILITY = 0.5

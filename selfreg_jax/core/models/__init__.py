@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from selfreg_jax.models.features import Features
-from selfreg_jax.models.swin_unet import SwinUNet
-from selfreg_jax.models.unet import UNet
+from selfreg_jax.core.models.features import Features
+from selfreg_jax.core.models.swin_unet import SwinUNet
+from selfreg_jax.core.models.unet import UNet
 
 MODELS = {'unet': UNet, 'swin_unet': SwinUNet}
 

@@ -50,15 +50,15 @@ import numpy as np
 from PIL import Image
 
 from data_prep import sources
-from selfreg_jax import checkpoints
-from selfreg_jax import configuration
-from selfreg_jax import files
-from selfreg_jax import inference
-from selfreg_jax import input_pipeline
-from selfreg_jax import metrics
-from selfreg_jax import models
-from selfreg_jax import visualize
-from selfreg_jax.models import create_model
+from selfreg_jax.core import checkpoints
+from selfreg_jax.core import configuration
+from selfreg_jax.common import files
+from selfreg_jax.evaluation import inference
+from selfreg_jax.core import input_pipeline
+from selfreg_jax.evaluation import metrics
+from selfreg_jax.core import models
+from selfreg_jax.evaluation import visualize
+from selfreg_jax.core.models import create_model
 
 METRICS_FILE = 'metrics_per_case.csv'
 SUMMARY_FILE = 'summary.json'

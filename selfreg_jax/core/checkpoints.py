@@ -40,7 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from selfreg_jax import cli
+from selfreg_jax.common import cli
 
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt'

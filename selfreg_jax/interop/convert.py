@@ -2,7 +2,7 @@
 
 PyTorch -> orbax (a checkpoint that `--mode eval` accepts):
 
-  python -m selfreg_jax.convert --from-torch CKPT.pth --config configs/X.py \
+  python -m selfreg_jax.interop.convert --from-torch CKPT.pth --config configs/X.py \
       --out DIR [--config.model.num_classes=9 ...]
 
 CKPT may be a torch.save file (.pth/.pt/.bin, read without torch), a
@@ -15,7 +15,7 @@ names may carry the SwinUnet wrapper's 'swin_unet.' prefix or not.
 
 orbax -> safetensors with PyTorch names and layouts:
 
-  python -m selfreg_jax.convert --to-safetensors OUT.safetensors --workdir RUN \
+  python -m selfreg_jax.interop.convert --to-safetensors OUT.safetensors --workdir RUN \
       [--checkpoint latest] [--config configs/X.py] [--nostrict]
 
 By default the file is the public model's full state dict, which
@@ -42,13 +42,13 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from selfreg_jax import checkpoints
-from selfreg_jax import cli
-from selfreg_jax import models
-from selfreg_jax import pretrained
-from selfreg_jax import runtime
-from selfreg_jax import torch_io
-from selfreg_jax.models import create_model
+from selfreg_jax.core import checkpoints
+from selfreg_jax.common import cli
+from selfreg_jax.core import models
+from selfreg_jax.interop import pretrained
+from selfreg_jax.common import runtime
+from selfreg_jax.interop import torch_io
+from selfreg_jax.core.models import create_model
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file whose `model` field describes the model.')

@@ -43,8 +43,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from selfreg_jax import files
-from selfreg_jax import cli
+from selfreg_jax.common import files
+from selfreg_jax.common import cli
 
 PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, np.ndarray]

@@ -1,8 +1,8 @@
 """Grid sweeps: one run (workdir) per combination of config values.
 
-  python -m selfreg_jax.sweep --config configs/demo.py --workdir runs/sweep \
+  python -m selfreg_jax.tools.sweep --config configs/demo.py --workdir runs/sweep \
       --grid loss.scr_weight=0,0.01 --grid loss.ifd_weight=0,0.01
-  python -m selfreg_jax.sweep --config configs/demo.py --workdir runs/sweep \
+  python -m selfreg_jax.tools.sweep --config configs/demo.py --workdir runs/sweep \
       --grid loss.scr_weight=0,0.01 --print-commands
 
 The grid is `config.sweep` when the config has one, else the
@@ -16,7 +16,7 @@ points are the Cartesian product, keys in the given order (`seed` first). Point
 (and without `config.sweep`).
 
 Any config field can be a key, `seed` included: a grid over `seed` and a
-setting gives repeated runs of each setting, which `selfreg_jax.report`
+setting gives repeated runs of each setting, which `selfreg_jax.tools.report`
 groups into arms (mean +- std over seeds, paired differences).
 
 The points run one after another in this process (train.train_and_evaluate,
@@ -25,7 +25,7 @@ holds an evaluation summary (`eval/*/summary.json`) is skipped, and an
 interrupted point resumes from its last checkpoint. `ROOT/sweep.json` records
 each point's status and its wall time in seconds (summed over the sessions
 that ran it). When every point is done, the report of the sweep
-(`selfreg_jax.report` on ROOT, split config.eval.split) is written into ROOT. With --print-commands
+(`selfreg_jax.tools.report` on ROOT, split config.eval.split) is written into ROOT. With --print-commands
 nothing runs: one `python main.py ...` line per point is printed (run from
 the repository root), e.g. for a cluster scheduler.
 """
@@ -46,12 +46,12 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from selfreg_jax import cli
-from selfreg_jax import configuration
-from selfreg_jax import evaluate
-from selfreg_jax import files
-from selfreg_jax import runtime
-from selfreg_jax import report
+from selfreg_jax.common import cli
+from selfreg_jax.core import configuration
+from selfreg_jax.evaluation import evaluate
+from selfreg_jax.common import files
+from selfreg_jax.common import runtime
+from selfreg_jax.tools import report
 
 SWEEP_FIELD = 'sweep'
 SWEEP_RECORD = 'sweep.json'

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfreg_jax.models import conv
-from selfreg_jax.models.batch_norm import BatchNorm
-from selfreg_jax.models.features import Features
+from selfreg_jax.core.models import conv
+from selfreg_jax.core.models.batch_norm import BatchNorm
+from selfreg_jax.core.models.features import Features
 
 # The down stages' 2x2 max-pools (rounding down) must leave the bottleneck at
 # least one pixel: inputs need MIN_IMAGE_SIZE pixels a side.

@@ -4,7 +4,7 @@ and a readable console.
 A mistake in what the user gave (a flag, a config key or value, a file or
 folder) ends the program with one line on stderr, `error: MESSAGE`, and exit
 status 2, as argparse does; tracebacks are left for bugs. The entry points
-(main.py, data_prep.build, selfreg_jax.convert, .analysis, .sweep and
+(main.py, data_prep.build, selfreg_jax.interop.convert, .analysis, .sweep and
 .report) run their `main` through `run` (argparse) or `run_app` (absl flags).
 
 User errors are `UserError` (raised for bad input; configuration.ConfigError
@@ -68,7 +68,7 @@ def run(main: Callable[..., int | None], *args: Any) -> NoReturn:
 class QuietLibraries(std_logging.Filter):
   """Keeps the console readable: INFO lines from this project and CLU's
   progress reports, warnings and errors from everything but orbax. Orbax's
-  failures come back as exceptions, which selfreg_jax.checkpoints reports in
+  failures come back as exceptions, which selfreg_jax.core.checkpoints reports in
   one line (orbax also logs each one, traceback and all, from every thread
   it passes through). Run with --verbosity=1 to see every library's
   records."""

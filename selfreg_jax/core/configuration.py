@@ -12,11 +12,11 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 
-from selfreg_jax import checkpoints
-from selfreg_jax import cli
-from selfreg_jax.models import MODELS
-from selfreg_jax.models import unet
-from selfreg_jax.models.swin_unet import stage_windows
+from selfreg_jax.core import checkpoints
+from selfreg_jax.common import cli
+from selfreg_jax.core.models import MODELS
+from selfreg_jax.core.models import unet
+from selfreg_jax.core.models.swin_unet import stage_windows
 
 MODES = ('train', 'eval', 'train_and_eval')
 # config.protocol: 'paper' trains on every training case without validation

@@ -1,6 +1,6 @@
 """What the data-parallel train step communicates, read from its compiled HLO.
 
-  python -m selfreg_jax.collectives --config configs/synapse_swin.py \
+  python -m selfreg_jax.tools.collectives --config configs/synapse_swin.py \
       [--config.batch_size=64 --config.eval.batch_size=64] [--out FILE.json]
 
 compiles the config's train step (`train.jit_train_step`, as the training
@@ -20,7 +20,7 @@ once, by their start; XLA:CPU emits only synchronous ones.
 """
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from selfreg_jax import runtime
+from selfreg_jax.common import runtime
 
 if __name__ == '__main__':
   # The process settings of main.py (they change XLA:CPU's program), before
@@ -43,13 +43,13 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from selfreg_jax import cli
-from selfreg_jax import configuration
-from selfreg_jax import distributed
-from selfreg_jax import files
-from selfreg_jax import inference
+from selfreg_jax.common import cli
+from selfreg_jax.core import configuration
+from selfreg_jax.common import distributed
+from selfreg_jax.common import files
+from selfreg_jax.evaluation import inference
 from selfreg_jax import train
-from selfreg_jax.models import create_model
+from selfreg_jax.core.models import create_model
 
 ALL_REDUCE = 'all-reduce'
 KINDS = (ALL_REDUCE, 'all-gather', 'reduce-scatter', 'all-to-all',

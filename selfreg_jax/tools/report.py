@@ -1,6 +1,6 @@
 """Collects the evaluations of several runs into one table and plot.
 
-  python -m selfreg_jax.report runs/sweep [runs/other_run ...] [--out DIR]
+  python -m selfreg_jax.tools.report runs/sweep [runs/other_run ...] [--out DIR]
 
 Each ROOT is a run folder (it has `eval/`) or a folder of runs (its
 subfolders that have `eval/`, e.g. a sweep root). Of each run, the latest
@@ -46,10 +46,10 @@ from matplotlib import figure as mpl_figure
 import numpy as np
 from scipy import stats
 
-from selfreg_jax import checkpoints
-from selfreg_jax import cli
-from selfreg_jax import evaluate
-from selfreg_jax import files
+from selfreg_jax.core import checkpoints
+from selfreg_jax.common import cli
+from selfreg_jax.evaluation import evaluate
+from selfreg_jax.common import files
 
 REPORT_MD = 'report.md'
 REPORT_CSV = 'report.csv'

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfreg_jax.models.features import Features
+from selfreg_jax.core.models.features import Features
 
 DICE_SMOOTH = 1e-5
 

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfreg_jax.models import conv
-from selfreg_jax.models.features import Features
-from selfreg_jax.models.unet import torch_conv_init
+from selfreg_jax.core.models import conv
+from selfreg_jax.core.models.features import Features
+from selfreg_jax.core.models.unet import torch_conv_init
 
 dense_init = nn.initializers.truncated_normal(0.02)
 

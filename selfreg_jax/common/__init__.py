@@ -1,0 +1,1 @@
+"""Process plumbing: flags and one-line errors, atomic files, process settings, multi-process start."""

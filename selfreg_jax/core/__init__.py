@@ -1,0 +1,1 @@
+"""The method: models, losses, input pipeline, config checks, checkpoints and the run context."""

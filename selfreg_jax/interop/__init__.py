@@ -1,0 +1,1 @@
+"""PyTorch interop: reading .pth/.npz/safetensors files, ImageNet initialisation, conversion."""

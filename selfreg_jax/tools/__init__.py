@@ -1,0 +1,1 @@
+"""Tools over trained runs: Grad-CAM analysis, sweeps, reports, collective checks."""
