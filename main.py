@@ -25,10 +25,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from selfreg_jax.core import checkpoints
+from data_prep import build
+from selfreg_jax import train
 from selfreg_jax.common import cli
 from selfreg_jax.common import distributed
-from selfreg_jax import train
+from selfreg_jax.core import checkpoints
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
@@ -43,6 +44,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   distributed.initialize()
+  build.ensure_demo_dataset(FLAGS.config.dataset)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode,
                              cli.config_overrides())

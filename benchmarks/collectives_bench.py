@@ -25,8 +25,8 @@ from typing import Any, Iterator, Sequence
 from benchmarks import model_setup
 from benchmarks import settings as settings_lib
 from configs import synapse_swin
-from selfreg_jax.tools import collectives
 from selfreg_jax.common import distributed
+from selfreg_jax.tools import collectives
 
 SUITE = 'collectives'
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ import numpy as np
 from benchmarks import model_setup
 from benchmarks import settings as settings_lib
 from benchmarks import timing
+from selfreg_jax.core import context
 from selfreg_jax.evaluation import inference
 
 SUITE = 'inference'
@@ -24,9 +25,10 @@ BATCH_SIZE = 8
 def measure_predict(name: str, dtype: str,
                     settings: settings_lib.Settings) -> dict[str, Any]:
   setup = model_setup.model_setup(name, dtype, settings.smoke)
-  mesh = inference.data_mesh()
+  mesh = context.data_mesh()
   predict = inference.make_predict_fn(setup.model, mesh)
-  variables = inference.replicate(setup.state.variables(), mesh)
+  variables = jax.device_put(setup.state.variables(),
+                             context.replicated_sharding(mesh))
   requested = settings_lib.SMOKE_BATCH if settings.smoke else BATCH_SIZE
   batch_size = inference.round_up_batch_size(requested, mesh)
   images = np.asarray(

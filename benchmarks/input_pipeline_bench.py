@@ -48,15 +48,16 @@ def _config(data_dir: pathlib.Path, setting: dict,
                    image_size=setting['image_size'], train_split='train',
                    num_workers=num_workers, augment=True,
                    in_channels=demo.IN_CHANNELS,
-                   num_classes=demo.NUM_CLASSES)))
+                   num_classes=demo.NUM_CLASSES, volumetric=True)))
 
 
 def measure_loader(config: ml_collections.ConfigDict,
                    num_batches: int) -> dict[str, float]:
   """Seconds to the first batch, then slices/s over `num_batches` batches."""
   start = time.perf_counter()
-  loader = input_pipeline.create_train_loader(config, process_index=0,
-                                              process_count=1)
+  loader = input_pipeline.create_train_loader(
+      config, input_pipeline.DataSet.open(config.dataset), process_index=0,
+      process_count=1)
   try:
     next(loader)
     first = time.perf_counter()
@@ -71,9 +72,8 @@ def measure_loader(config: ml_collections.ConfigDict,
 
 def measure_reads(config: ml_collections.ConfigDict) -> float:
   """Slices/s of reading and decoding the training split, no transforms."""
-  builder = input_pipeline.open_dataset(config.dataset.name,
-                                        config.dataset.data_dir)
-  source = builder.as_data_source(config.dataset.train_split)
+  source = input_pipeline.DataSet.open(config.dataset).source(
+      config.dataset.train_split)
   start = time.perf_counter()
   for index in range(len(source)):
     source[index]  # pylint: disable=pointless-statement

@@ -7,6 +7,8 @@ built by `python -m data_prep.build NAME`.
 import ml_collections
 from ml_collections import config_dict
 
+from selfreg_jax.core import outputs
+
 # Per data set: TFDS name, input channels, label classes, volumetric cases.
 DATASETS = {
     'demo': ('selfreg_demo', 1, 5, True),
@@ -38,9 +40,9 @@ def dataset_config(name: str, image_size: int = 224) -> ml_collections.ConfigDic
 def model_config(name: str, dataset: ml_collections.ConfigDict
                  ) -> ml_collections.ConfigDict:
   """The paper-size model for a data set (binary sets get one sigmoid logit)."""
-  num_outputs = 1 if dataset.num_classes == 2 else dataset.num_classes
   config = ml_collections.ConfigDict(dict(
-      name=name, num_classes=num_outputs, in_channels=dataset.in_channels))
+      name=name, num_classes=outputs.paper_outputs(dataset.num_classes),
+      in_channels=dataset.in_channels))
   if name == 'unet':
     config.widths = (64, 128, 256, 512, 1024)
   else:

@@ -34,6 +34,9 @@ import textwrap
 import types
 from typing import Any, Iterator, Sequence
 
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
 import tensorflow_datasets as tfds
 
 from data_prep import builders
@@ -171,6 +174,22 @@ def build_dataset(name: str,
   print(f'Built {builder.name}: {counts} {_record_name(source)}{no_validation} '
         f'at {dataset_dir}.')
   return dataset_dir
+
+
+def ensure_demo_dataset(dataset_config: ml_collections.ConfigDict) -> None:
+  """Builds the synthetic demo set of config.dataset on first use (no
+  download needed): what the entry points that train call before opening
+  their data. Process 0 builds it; the others wait for it.
+  """
+  if dataset_config.name != builders.builder_class('demo').name:
+    return
+  data_dir = pathlib.Path(dataset_config.data_dir
+                          or default_data_dir()).expanduser()
+  built = any((data_dir / dataset_config.name).glob('*/dataset_info.json'))
+  if jax.process_index() == 0 and not built:
+    build_dataset('demo', data_dir=data_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('demo data built')
 
 
 def _parse_option(text: str) -> tuple[str, Any]:

@@ -16,7 +16,8 @@ split stored in generation order, i.e. slice by slice, case by case):
   spacing      Tensor (3,) float32, (z, y, x) in mm; (1, 1, 1) if unknown
 
 The dataset metadata (`metadata.json`) records the source name, the number
-of classes and channels, whether cases are volumes, the layout of the source
+of classes and channels, the class names (background first; empty where the
+source names none), whether cases are volumes, the layout of the source
 folder, the splits written, and every build option the build applied
 (defaults included; options the layout does not use are refused when given
 and not recorded), so a built data set says how it was made. A build that
@@ -114,6 +115,7 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             num_classes=self.source.NUM_CLASSES,
             in_channels=self.source.IN_CHANNELS,
             is_volumetric=self.source.IS_VOLUMETRIC,
+            class_names=list(getattr(self.source, 'CLASS_NAMES', ())),
             layout=self.plan.layout,
             splits=list(self.plan.splits),
             options=self.options),

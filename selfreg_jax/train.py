@@ -34,16 +34,15 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from selfreg_jax.core import checkpoints
 from selfreg_jax.common import cli
-from selfreg_jax.core import configuration
-from selfreg_jax.evaluation import evaluate
-from selfreg_jax.evaluation import inference
+from selfreg_jax.core import checkpoints
+from selfreg_jax.core import context
 from selfreg_jax.core import input_pipeline
 from selfreg_jax.core import losses
-from selfreg_jax.interop import pretrained
+from selfreg_jax.core import outputs
+from selfreg_jax.evaluation import evaluate
 from selfreg_jax.evaluation import visualize
-from selfreg_jax.core.models import create_model
+from selfreg_jax.interop import pretrained
 
 IMAGES_PER_SUMMARY = 3
 
@@ -178,7 +177,7 @@ def jit_train_step(model, tx: optax.GradientTransformation,
     plus learning_rate, the rate this step applied; all stay on the devices
     until read.
   """
-  replicated = inference.replicated_sharding(mesh)
+  replicated = context.replicated_sharding(mesh)
 
   def step_with_learning_rate(state, batch):
     new_state, metrics = train_step(state, batch, model=model, tx=tx,
@@ -187,7 +186,7 @@ def jit_train_step(model, tx: optax.GradientTransformation,
     return new_state, dict(metrics, learning_rate=schedule(state.step))
 
   return jax.jit(step_with_learning_rate,
-                 in_shardings=(replicated, inference.batch_sharding(mesh)),
+                 in_shardings=(replicated, context.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -228,58 +227,59 @@ class PreemptionWatcher:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def ensure_demo_data(config: ml_collections.ConfigDict) -> None:
-  """Builds the synthetic demo set on first use (no download needed)."""
-  if config.dataset.name != 'selfreg_demo':
-    return
-  if jax.process_index() == 0:
-    try:
-      input_pipeline.open_dataset(config.dataset.name, config.dataset.data_dir)
-    except FileNotFoundError:
-      from data_prep import build  # pylint: disable=g-import-not-at-top
-      build.build_dataset('demo', data_dir=config.dataset.data_dir)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('demo data built')
+@dataclasses.dataclass(frozen=True)
+class TrainingPlan:
+  """How long a run trains, in the public trainers' units.
+
+  Attributes:
+    num_slices: slices of the training split.
+    steps_per_epoch: ceil(num_slices / batch size).
+    total_steps: config.num_train_steps, else num_epochs whole epochs.
+    tested_step: the step config.eval.checkpoint names ('epoch:N' or a step
+      number), which training saves and keeps; None for 'best' and 'latest'.
+  """
+  num_slices: int
+  steps_per_epoch: int
+  total_steps: int
+  tested_step: int | None
 
 
-def check_protocol_data(config: ml_collections.ConfigDict) -> int:
-  """Checks the data set's splits against config.protocol.
-
-  Returns:
-    The number of training slices.
+def plan_training(ctx: context.RunContext) -> TrainingPlan:
+  """Checks the data set's splits against config.protocol and plans the run.
 
   Raises:
-    UserError: 'validated' on a set without the validation split, or
-      'paper' on a set whose validation split holds cases out of training.
+    UserError: 'validated' on a set without the validation split, 'paper'
+      on a set whose validation split holds cases out of training, or an
+      evaluated step after the run's last step.
   """
-  builder = input_pipeline.open_dataset(config.dataset.name,
-                                        config.dataset.data_dir)
-  splits = builder.info.splits
+  config, data = ctx.config, ctx.data
   val_split = config.dataset.val_split
-  if config.protocol == 'validated' and val_split not in splits:
+  if config.protocol == 'validated' and not data.has_split(val_split):
     raise cli.UserError(
         f"config.protocol='validated' validates on split {val_split!r}, "
-        f'which {builder.data_dir} does not have (built without validation '
+        f'which {data.directory} does not have (built without validation '
         'cases); use --config.protocol=paper, or build the set with '
         'validation cases into another --out.')
-  if config.protocol == 'paper' and val_split in splits:
+  if config.protocol == 'paper' and data.has_split(val_split):
     raise cli.UserError(
         f"config.protocol='paper' trains on every training case, but "
-        f'{builder.data_dir} keeps {splits[val_split].num_examples} slices '
+        f'{data.directory} keeps {data.num_slices(val_split)} slices '
         f'out of training in split {val_split!r}; build the set with '
         '--val-cases 0 (demo: --option num_validation_cases=0) into another '
         '--out, or use --config.protocol=validated.')
-  return input_pipeline.num_train_slices(config)
+  num_slices = data.num_slices(config.dataset.train_split)
+  epoch_steps = input_pipeline.steps_per_epoch(num_slices, config.batch_size)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else config.num_epochs * epoch_steps)
+  plan = TrainingPlan(num_slices, epoch_steps, total_steps,
+                      _tested_step(config, epoch_steps, total_steps))
+  _log_plan(config, plan)
+  return plan
 
 
-def tested_step(config: ml_collections.ConfigDict, epoch_steps: int,
-                total_steps: int) -> int | None:
-  """The step config.eval.checkpoint names ('epoch:N' or a step number),
-  which training must save and keep; None for 'best' and 'latest'.
-
-  Raises:
-    UserError: that step is after the run's last step.
-  """
+def _tested_step(config: ml_collections.ConfigDict, epoch_steps: int,
+                 total_steps: int) -> int | None:
+  """`TrainingPlan.tested_step`; UserError if after the run's last step."""
   which = str(config.eval.checkpoint)
   epoch = checkpoints.selected_epoch(which)
   if epoch is not None:
@@ -351,7 +351,7 @@ def _summary_predictor(model):
   """
 
   def predict_summary_images(variables, images):
-    return inference.predictions(
+    return outputs.class_map(
         model.apply(variables, images[:IMAGES_PER_SUMMARY])[0])
 
   return jax.jit(predict_summary_images)
@@ -393,13 +393,6 @@ def format_duration(seconds: float) -> str:
   return str(datetime.timedelta(seconds=round(seconds)))
 
 
-def loss_names(model_config: ml_collections.ConfigDict) -> dict[str, str]:
-  """Logged name of each loss part: the CE term of a one-logit binary model
-  is a binary cross-entropy, 'bce'."""
-  return {'ce': 'bce' if model_config.num_classes == 1 else 'ce',
-          'dice': 'dice', 'scr': 'scr', 'ifd': 'ifd'}
-
-
 def _write_interval(writer, step: int, total_steps: int,
                     interval_metrics: list[dict[str, float]],
                     steps_per_sec: float, names: dict[str, str]) -> None:
@@ -420,18 +413,18 @@ def _write_interval(writer, step: int, total_steps: int,
                format_duration((total_steps - step) / steps_per_sec))
 
 
-def _log_protocol(config: ml_collections.ConfigDict, num_slices: int,
-                  epoch_steps: int, total_steps: int,
-                  tested: int | None) -> None:
+def _log_plan(config: ml_collections.ConfigDict, plan: TrainingPlan) -> None:
   """The first lines of a run's log: protocol, data, epochs, tested step."""
   logging.info(
       "Protocol '%s': %d training slices in split '%s', %d steps per epoch "
       '(ceil(%d / batch %d)), %d steps (%.4g epochs).', config.protocol,
-      num_slices, config.dataset.train_split, epoch_steps, num_slices,
-      config.batch_size, total_steps, total_steps / epoch_steps)
+      plan.num_slices, config.dataset.train_split, plan.steps_per_epoch,
+      plan.num_slices, config.batch_size, plan.total_steps,
+      plan.total_steps / plan.steps_per_epoch)
   which = str(config.eval.checkpoint)
   if config.protocol == 'paper':
-    chosen = 'the last step' if tested is None else f'step {tested}'
+    chosen = ('the last step' if plan.tested_step is None
+              else f'step {plan.tested_step}')
     logging.info("No validation split and no validation; the test split is "
                  'evaluated at checkpoint %r (%s).', which, chosen)
   else:
@@ -451,73 +444,93 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir: run folder: checkpoints/, TensorBoard events, eval/ outputs.
     mode: 'train', 'eval' (evaluate a checkpoint of the workdir only) or
       'train_and_eval'.
-    overridden: dotted config keys set on the command line (evaluation
-      refuses a model field that differs from the checkpoints' model).
+    overridden: dotted config keys set on the command line (a model field
+      among them must equal the model of the run's checkpoints, if any).
 
   Returns:
-    The final evaluation summary (empty for mode='train').
+    The final evaluation summary (empty for mode='train' and for a
+    pre-empted run).
   """
-  configuration.validate(config, mode)
+  ctx = context.create(config, mode, workdir=workdir, overridden=overridden)
   logging.info('JAX process %d/%d, %d local / %d global devices (%s).',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  workdir = pathlib.Path(workdir)
-  ensure_demo_data(config)
-  if mode == 'eval':
-    return evaluate.evaluate_checkpoint(config, str(workdir),
-                                        overridden=overridden)
+  if mode != 'eval' and not train(ctx, pathlib.Path(workdir)):
+    return {}
+  if mode == 'train':
+    return {}
+  return evaluate.evaluate_checkpoint(ctx, workdir)
 
-  num_slices = check_protocol_data(config)
-  mesh = inference.data_mesh()
-  replicated = inference.replicated_sharding(mesh)
-  batch_sharding = inference.batch_sharding(mesh)
-  model = create_model(config.model, dtype=jnp.dtype(config.dtype))
-  epoch_steps = input_pipeline.steps_per_epoch(num_slices, config.batch_size)
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else config.num_epochs * epoch_steps)
-  tested = tested_step(config, epoch_steps, total_steps)
-  _log_protocol(config, num_slices, epoch_steps, total_steps, tested)
-  schedule = learning_rate_schedule(config, epoch_steps, total_steps)
+
+def train(ctx: context.RunContext, workdir: pathlib.Path) -> bool:
+  """Trains the context's model in `workdir`, from its newest intact
+  checkpoint if any; returns False if pre-empted (SIGTERM; saved first)."""
+  config = ctx.config
+  plan = plan_training(ctx)
+  schedule = learning_rate_schedule(config, plan.steps_per_epoch,
+                                    plan.total_steps)
   tx = create_optimizer(config, schedule)
   init_key, base_key = jax.random.split(jax.random.key(config.seed))
-
-  init_fn = jax.jit(functools.partial(initial_state, model, tx, config),
-                    out_shardings=replicated)
   batches = input_pipeline.prefetch_to_device(
-      input_pipeline.create_train_loader(config), config.prefetch_to_device,
-      batch_sharding)
+      input_pipeline.create_train_loader(config, ctx.data),
+      config.prefetch_to_device, ctx.batch_sharding)
   manager = checkpoints.create_manager(
       workdir, keep_last=config.keep_checkpoints,
-      keep_steps=() if tested is None else (tested,))
-  found = None
-  if manager.all_steps():
-    abstract = jax.eval_shape(init_fn, init_key)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        abstract)
-    found = _restore(manager, abstract, batches)
-  if found is not None:
-    first_step, state, loop = found
-    logging.info('Resumed from %s at step %d.', manager.directory, first_step)
-  else:
-    first_step, state, loop = 0, init_fn(init_key), LoopState()
-    if config.init.pretrained:
-      variables, _ = pretrained.load_swin_imagenet(
-          config.init.pretrained, state.variables(), config.model,
-          load_final_norm=config.init.load_final_norm)
-      state = state.replace(params=jax.device_put(variables['params'],
-                                                  replicated))
-
-  step_fn = jit_train_step(model, tx, schedule, dict(config.loss), base_key,
-                           mesh)
-  names = loss_names(config.model)
-  validates = config.protocol == 'validated'
+      keep_steps=() if plan.tested_step is None else (plan.tested_step,))
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
-  if first_step == 0:
-    writer.write_hparams(_flat_hparams(config))
   preemption = PreemptionWatcher()
+  try:
+    first_step, state, loop = _start(ctx, tx, init_key, manager, batches)
+    if first_step == 0:
+      writer.write_hparams(_flat_hparams(config))
+    step_fn = jit_train_step(ctx.model, tx, schedule, dict(config.loss),
+                             base_key, ctx.mesh)
+    return _loop(ctx, plan, step_fn, first_step, state, loop, batches,
+                 manager, writer, preemption)
+  finally:
+    checkpoints.close(manager)
+    batches.close()
+    preemption.close()
+    writer.flush()
+
+
+def _start(ctx: context.RunContext, tx: optax.GradientTransformation,
+           init_key: jax.Array, manager, batches
+           ) -> tuple[int, TrainState, LoopState]:
+  """(first step, state, loop state): restored from the newest intact
+  checkpoint (data order included), else initialised (and loaded with the
+  ImageNet weights of config.init.pretrained)."""
+  config = ctx.config
+  init_fn = jax.jit(functools.partial(initial_state, ctx.model, tx, config),
+                    out_shardings=ctx.replicated)
+  if manager.all_steps():
+    abstract = context.replicated_shapes(jax.eval_shape(init_fn, init_key),
+                                         ctx.mesh)
+    found = _restore(manager, abstract, batches)
+    if found is not None:
+      logging.info('Resumed from %s at step %d.', manager.directory, found[0])
+      return found
+  state = init_fn(init_key)
+  if config.init.pretrained:
+    variables, _ = pretrained.load_swin_imagenet(
+        config.init.pretrained, state.variables(), config.model,
+        load_final_norm=config.init.load_final_norm)
+    state = state.replace(params=jax.device_put(variables['params'],
+                                                ctx.replicated))
+  return 0, state, LoopState()
+
+
+def _loop(ctx: context.RunContext, plan: TrainingPlan, step_fn,
+          first_step: int, state: TrainState, loop: LoopState, batches,
+          manager, writer, preemption: PreemptionWatcher) -> bool:
+  """Runs steps first_step + 1 .. plan.total_steps (or to early stopping):
+  logs, validates, saves; returns False if pre-empted (after saving)."""
+  config = ctx.config
+  names = ctx.loss_part_names
+  validates = config.protocol == 'validated'
+  total_steps = plan.total_steps
   pending = None
   save_unconfirmed = False
   stop_early = _early_stopping_reached(config, loop)
@@ -526,93 +539,83 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  'further.', first_step)
   logging.info('Training %s on %s for %d steps (%d per epoch), global batch '
                '%d over %d devices.', config.model.name, config.dataset.name,
-               total_steps, epoch_steps, config.batch_size, jax.device_count())
+               total_steps, plan.steps_per_epoch, config.batch_size,
+               jax.device_count())
   # Step time: the wall time of a log interval less the validations, image
   # summaries and saves in it (`paused`); compilation is timed apart.
   compiled_step = None
   interval_first_step, paused = first_step, 0.0
-  try:
-    step = first_step
-    while step < total_steps and not stop_early:
-      batch = next(batches)
-      if compiled_step is None:
-        compiled_step = _compile(step_fn, state, batch)
-        interval_start = time.time()
-      state, metrics = compiled_step(state, batch)
-      # Read the previous step's metrics while this one runs.
-      if pending is not None:
-        loop.interval_metrics.append(_fetch_checked(*pending))
-      pending = (step + 1, metrics)
-      step += 1
-      if save_unconfirmed and not manager.is_saving_in_progress():
-        # A save that failed in the background stops the run now, not at
-        # the next save (which would wait for it).
-        checkpoints.wait_for_saves(manager)
-        save_unconfirmed = False
-
-      is_last = step == total_steps
-      validate = validates and (
-          (config.eval_every_steps > 0
-           and step % config.eval_every_steps == 0)
-          or (is_last and config.eval_every_steps >= 0))
-      preempted = preemption.reached(step)
-      save = (validate or is_last or preempted or step == tested
-              or step % config.checkpoint_every_steps == 0)
-      log = step % config.log_every_steps == 0 or step == 1 or is_last
-      if log or save:
-        # This step's own metrics are checked before its state is logged
-        # or saved, so that no checkpoint holds a diverged state.
-        loop.interval_metrics.append(_fetch_checked(*pending))
-        pending = None
-      if log:
-        seconds = time.time() - interval_start - paused
-        _write_interval(writer, step, total_steps, loop.interval_metrics,
-                        (step - interval_first_step) / max(seconds, 1e-9),
-                        names)
-        loop.interval_metrics = []
-        interval_start, interval_first_step, paused = time.time(), step, 0.0
-      pause_start = time.time()
-      if (config.image_summary_every_steps
-          and step % config.image_summary_every_steps == 0):
-        writer.write_images(step, {'train/input_prediction_truth':
-                                   _summary_images(model, state.variables(),
-                                                   batch)})
-
-      eval_metrics = None
-      if validate:
-        summary = evaluate.evaluate_split(
-            config, model, state.variables(), config.dataset.val_split,
-            mesh=mesh, step=step)
-        writer.write_scalars(step, {
-            f'val/{k}': v for k, v in evaluate.summary_scalars(summary).items()})
-        eval_metrics = {checkpoints.BEST_METRIC: summary['mean_dice']}
-        loop.record_validation(summary['mean_dice'])
-      stop_early = _early_stopping_reached(config, loop)
-      if save:
-        _save(manager, step, state, batches, config, loop, eval_metrics)
-        save_unconfirmed = True
-      paused += time.time() - pause_start
-      if preempted:
-        logging.warning('Pre-empted (SIGTERM) at step %d: checkpoint saved, '
-                        'exiting; rerun the same command to resume.', step)
-        checkpoints.wait_for_saves(manager)
-        return {}
-      if stop_early:
-        logging.info('Early stopping at step %d: validation Dice has not '
-                     'improved for %d validations.', step,
-                     loop.validations_without_gain)
+  step = first_step
+  while step < total_steps and not stop_early:
+    batch = next(batches)
+    if compiled_step is None:
+      compiled_step = _compile(step_fn, state, batch)
+      interval_start = time.time()
+    state, metrics = compiled_step(state, batch)
+    # Read the previous step's metrics while this one runs.
     if pending is not None:
-      _fetch_checked(*pending)
-    checkpoints.wait_for_saves(manager)
-  finally:
-    checkpoints.close(manager)
-    batches.close()
-    preemption.close()
-    writer.flush()
-  if mode == 'train':
-    return {}
-  return evaluate.evaluate_checkpoint(config, str(workdir),
-                                      overridden=overridden)
+      loop.interval_metrics.append(_fetch_checked(*pending))
+    pending = (step + 1, metrics)
+    step += 1
+    if save_unconfirmed and not manager.is_saving_in_progress():
+      # A save that failed in the background stops the run now, not at
+      # the next save (which would wait for it).
+      checkpoints.wait_for_saves(manager)
+      save_unconfirmed = False
+
+    is_last = step == total_steps
+    validate = validates and (
+        (config.eval_every_steps > 0 and step % config.eval_every_steps == 0)
+        or (is_last and config.eval_every_steps >= 0))
+    preempted = preemption.reached(step)
+    save = (validate or is_last or preempted or step == plan.tested_step
+            or step % config.checkpoint_every_steps == 0)
+    log = step % config.log_every_steps == 0 or step == 1 or is_last
+    if log or save:
+      # This step's own metrics are checked before its state is logged or
+      # saved, so that no checkpoint holds a diverged state.
+      loop.interval_metrics.append(_fetch_checked(*pending))
+      pending = None
+    if log:
+      seconds = time.time() - interval_start - paused
+      _write_interval(writer, step, total_steps, loop.interval_metrics,
+                      (step - interval_first_step) / max(seconds, 1e-9),
+                      names)
+      loop.interval_metrics = []
+      interval_start, interval_first_step, paused = time.time(), step, 0.0
+    pause_start = time.time()
+    if (config.image_summary_every_steps
+        and step % config.image_summary_every_steps == 0):
+      writer.write_images(step, {'train/input_prediction_truth':
+                                 _summary_images(ctx.model, state.variables(),
+                                                 batch)})
+
+    eval_metrics = None
+    if validate:
+      summary = evaluate.evaluate_split(ctx, state.variables(),
+                                        config.dataset.val_split, step=step)
+      writer.write_scalars(step, {
+          f'val/{k}': v for k, v in evaluate.summary_scalars(summary).items()})
+      eval_metrics = {checkpoints.BEST_METRIC: summary['mean_dice']}
+      loop.record_validation(summary['mean_dice'])
+    stop_early = _early_stopping_reached(config, loop)
+    if save:
+      _save(manager, step, state, batches, config, loop, eval_metrics)
+      save_unconfirmed = True
+    paused += time.time() - pause_start
+    if preempted:
+      logging.warning('Pre-empted (SIGTERM) at step %d: checkpoint saved, '
+                      'exiting; rerun the same command to resume.', step)
+      checkpoints.wait_for_saves(manager)
+      return False
+    if stop_early:
+      logging.info('Early stopping at step %d: validation Dice has not '
+                   'improved for %d validations.', step,
+                   loop.validations_without_gain)
+  if pending is not None:
+    _fetch_checked(*pending)
+  checkpoints.wait_for_saves(manager)
+  return True
 
 
 def _compile(step_fn, state: TrainState, batch):

@@ -16,11 +16,12 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import tiny_configs
 import tiny_train_config
-from selfreg_jax.tools import analysis
-from selfreg_jax.core import checkpoints
 from selfreg_jax.common import cli
+from selfreg_jax.core import checkpoints
+from selfreg_jax.core import context
 from selfreg_jax.core import input_pipeline
 from selfreg_jax.core.models import create_model
+from selfreg_jax.tools import analysis
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE = tiny_configs.IMAGE_SIZES[0]
@@ -125,8 +126,9 @@ def test_analyze_case_writes_figures_json_and_tensorboard(tiny_demo_data_dir,
   config.dataset.data_dir = str(tiny_demo_data_dir)
   model, variables, _ = _model_and_variables(config.model)
   checkpoints.write_variables(tmp_path, variables, config, step=3)
-  case = next(input_pipeline.iterate_cases(config, 'test'))
-  out_dir = analysis.analyze_case(config, tmp_path, case.case_id, CLASSES[0],
+  ctx = context.create(config, 'eval', workdir=tmp_path)
+  case = next(input_pipeline.iterate_cases(ctx.data, 'test'))
+  out_dir = analysis.analyze_case(ctx, tmp_path, case.case_id, CLASSES[0],
                                   split='test', which='latest')
   numbers = json.loads((out_dir / 'analysis.json').read_text())
   assert numbers['step'] == 3 and numbers['case_id'] == case.case_id
@@ -151,10 +153,10 @@ def test_analyze_case_writes_figures_json_and_tensorboard(tiny_demo_data_dir,
   assert f'{prefix}/offdiag_similarity/final' in tags
   assert not list(out_dir.glob('.*'))
   with pytest.raises(ValueError, match="'no_such_case'.*'test'"):
-    analysis.analyze_case(config, tmp_path, 'no_such_case', CLASSES[0],
+    analysis.analyze_case(ctx, tmp_path, 'no_such_case', CLASSES[0],
                           split='test', which='latest')
   with pytest.raises(ValueError, match='--class=9'):
-    analysis.analyze_case(config, tmp_path, case.case_id, 9)
+    analysis.analyze_case(ctx, tmp_path, case.case_id, 9)
 
 
 def _analysis_cli(workdir, data_dir, case_id, *overrides):
@@ -177,7 +179,8 @@ def test_cli_analyses_the_checkpoints_model_quietly_and_refuses_other_widths(
   config.model.widths = tuple(w // 2 for w in config.model.widths)
   _, variables, _ = _model_and_variables(config.model)
   checkpoints.write_variables(tmp_path, variables, config, step=3)
-  case_id = next(input_pipeline.iterate_cases(config, 'test')).case_id
+  case_id = next(input_pipeline.iterate_cases(
+      input_pipeline.DataSet.open(config.dataset), 'test')).case_id
 
   run = _analysis_cli(tmp_path, tiny_demo_data_dir, case_id)
   assert run.returncode == 0, run.stderr[-3000:]

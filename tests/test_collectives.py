@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import tiny_train_config
-from selfreg_jax.tools import collectives
 from selfreg_jax.common import distributed
 from selfreg_jax.core.models import create_model
+from selfreg_jax.tools import collectives
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILE = ROOT / 'tests' / 'tiny_train_config.py'

@@ -7,11 +7,11 @@ import subprocess
 import sys
 import textwrap
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import base
 import fixtures_sources
 from data_prep import build
 from data_prep import builders
@@ -85,6 +85,7 @@ def test_build_writes_array_record_with_metadata(tiny_demo):
   metadata = json.loads((tiny_demo / 'metadata.json').read_text())
   assert metadata == {'source': 'demo', 'num_classes': demo.NUM_CLASSES,
                       'in_channels': demo.IN_CHANNELS, 'is_volumetric': True,
+                      'class_names': list(demo.CLASS_NAMES),
                       'layout': 'synthetic', 'splits': list(demo.SPLITS),
                       'options': TINY_OPTIONS}
 
@@ -301,14 +302,24 @@ def test_build_without_validation_has_no_validation_split(tmp_path, capsys):
   builder = tfds.builder_from_directory(str(dataset_dir))
   assert sorted(builder.info.splits) == ['test', 'train']
   assert _metadata(dataset_dir)['splits'] == ['train', 'test']
-  config = ml_collections.ConfigDict(
-      {'dataset': {'name': DATASET_NAME, 'data_dir': str(tmp_path)}})
+  config = base.dataset_config('demo')
+  config.data_dir = str(tmp_path)
   with pytest.raises(cli.UserError) as info:
-    next(input_pipeline.iterate_cases(config, 'validation'))
+    next(input_pipeline.iterate_cases(input_pipeline.DataSet.open(config),
+                                      'validation'))
   assert str(info.value) == (f"{dataset_dir}: no split 'validation'; "
                              "available: ['test', 'train'].")
 
 
+# The published class order of each set (the papers' tables); foreground
+# classes only. Binary sets name none and read as 'foreground'.
+FOREGROUND_CLASS_NAMES = {
+    'synapse': ('aorta', 'gallbladder', 'left kidney', 'right kidney',
+                'liver', 'pancreas', 'spleen', 'stomach'),
+    'acdc': ('right ventricle', 'myocardium', 'left ventricle'),
+    'glas': ('foreground',),
+    'monuseg': ('foreground',),
+}
 # Data set -> (writer of a tiny source folder, training and test records of
 # a build without validation, what a record is).
 ZERO_VALIDATION_SOURCES = {
@@ -347,6 +358,10 @@ def test_cli_builds_without_validation(name, tmp_path, capsys):
   metadata = _metadata(dataset_dir)
   assert metadata['splits'] == ['train', 'test']
   assert metadata['options'] == {'val_cases': 0}
+  dataset_config = base.dataset_config(name)
+  dataset_config.data_dir = str(data_dir)
+  opened = input_pipeline.DataSet.open(dataset_config)
+  assert opened.class_names == FOREGROUND_CLASS_NAMES[name]
 
 
 @pytest.mark.parametrize('name', sorted(builders.BUILDERS))

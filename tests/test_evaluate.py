@@ -12,18 +12,20 @@ from PIL import Image
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
+import tensorflow_datasets as tfds
 
 from configs import base
 from data_prep import build
 from data_prep import demo
-from selfreg_jax.core import checkpoints
 from selfreg_jax.common import cli
+from selfreg_jax.core import checkpoints
+from selfreg_jax.core import context
+from selfreg_jax.core import input_pipeline
+from selfreg_jax.core.models import create_model
 from selfreg_jax.evaluation import evaluate
 from selfreg_jax.evaluation import inference
-from selfreg_jax.core import input_pipeline
 from selfreg_jax.evaluation import metrics
 from selfreg_jax.evaluation import visualize
-from selfreg_jax.core.models import create_model
 from test_inference import BATCH_SIZE
 from test_inference import IMAGE_SIZE
 from test_inference import make_mesh
@@ -41,6 +43,11 @@ DEMO_OPTIONS = dict(num_train_cases=1, num_validation_cases=1,
                     num_test_cases=2, min_slices=2, max_slices=3, min_size=20,
                     max_size=27)
 CHECKPOINT_STEP = 7
+
+
+def _context(config):
+  """The run context of `config` without a data set (constructed cases)."""
+  return context.create(config, 'eval', open_data=False)
 
 
 def _config(dataset: str = 'demo', metric_mode: str = 'paper'):
@@ -88,19 +95,20 @@ def demo_model():
   return model, numpy_variables(model, IMAGE_SIZE, 1)
 
 
-def test_class_names_come_from_the_sources():
-  assert evaluate.class_names(base.dataset_config('synapse')) == (
-      'aorta', 'gallbladder', 'left kidney', 'right kidney', 'liver',
-      'pancreas', 'spleen', 'stomach')
-  assert evaluate.class_names(base.dataset_config('acdc')) == (
-      'right ventricle', 'myocardium', 'left ventricle')
-  assert evaluate.class_names(base.dataset_config('glas')) == ('foreground',)
-  assert evaluate.class_names(base.dataset_config('demo')) == (
+def test_class_names_come_from_the_built_data_set(tmp_path):
+  """The build records the source's class names; a set built before names
+  were recorded reads as generic names."""
+  config = _config()
+  config.dataset.data_dir = str(tmp_path)
+  dataset_dir = build.build_dataset('demo', data_dir=tmp_path, **DEMO_OPTIONS)
+  assert input_pipeline.DataSet.open(config.dataset).class_names == (
       demo.CLASS_NAMES[1:])
-  unknown = base.dataset_config('demo')
-  unknown.name = 'selfreg_elsewhere'
-  assert evaluate.class_names(unknown) == tuple(
-      f'class_{k}' for k in range(1, unknown.num_classes))
+  metadata_file = dataset_dir / 'metadata.json'
+  metadata = json.loads(metadata_file.read_text())
+  del metadata['class_names']
+  metadata_file.write_text(json.dumps(metadata))
+  assert input_pipeline.DataSet.open(config.dataset).class_names == tuple(
+      f'class_{k}' for k in range(1, config.dataset.num_classes))
 
 
 def test_metrics_and_files_match_direct_computation(demo_model, tmp_path,
@@ -108,11 +116,10 @@ def test_metrics_and_files_match_direct_computation(demo_model, tmp_path,
   model, variables = demo_model
   config = _config(metric_mode='standard')
   num_classes = config.dataset.num_classes
-  names = evaluate.class_names(config.dataset)
+  names = input_pipeline.generic_class_names(config.dataset.num_classes)
   cases = _volume_cases(num_classes)
-  summary = evaluate.evaluate_cases(config, model, variables, cases,
-                                    mesh=make_mesh(), split='test',
-                                    out_dir=tmp_path, step=3)
+  summary = evaluate.evaluate_cases(_context(config), variables, cases,
+                                    split='test',                                     out_dir=tmp_path, step=3)
 
   predict_fn = inference.make_predict_fn(model, make_mesh())
   expected = [
@@ -163,9 +170,8 @@ def test_constant_prediction_gives_known_metrics(demo_model, mode):
   predicted_class = 1
   variables = predicting_constant(variables, predicted_class, num_classes)
   cases = _volume_cases(num_classes)
-  summary = evaluate.evaluate_cases(config, model, variables, cases,
-                                    mesh=make_mesh(), split='test')
-  names = evaluate.class_names(config.dataset)
+  summary = evaluate.evaluate_cases(_context(config), variables, cases, split='test')
+  names = input_pipeline.generic_class_names(config.dataset.num_classes)
   # Class 1 fills every volume: Dice = 2|T| / (|volume| + |T|).
   dice = [2 * (c.label == predicted_class).sum()
           / (c.label.size + (c.label == predicted_class).sum()) for c in cases]
@@ -202,9 +208,8 @@ def test_2d_binary_set_scores_at_image_size(tmp_path):
     cases.append(input_pipeline.Case(
         f'image_{i}', rng.random((1, height, width, 3), dtype=np.float32),
         label, (1.0, 1.0, 1.0)))
-  summary = evaluate.evaluate_cases(config, model, variables, cases,
-                                    mesh=make_mesh(), split='test',
-                                    out_dir=tmp_path)
+  summary = evaluate.evaluate_cases(_context(config), variables, cases,
+                                    split='test',                                     out_dir=tmp_path)
   # All foreground at IMAGE_SIZE: Dice = 2|T| / (S^2 + |T|), IoU = |T| / S^2.
   sizes = [inference.resize_labels(c.label[0], (IMAGE_SIZE,) * 2).sum()
            for c in cases]
@@ -251,8 +256,8 @@ def test_nifti_predictions_and_overlays(demo_model, tmp_path):
   config.eval.save_predictions = True
   config.eval.overlay_cases = (CASES[1][0],)
   cases = _volume_cases(config.dataset.num_classes)
-  evaluate.evaluate_cases(config, model, variables, cases, mesh=make_mesh(),
-                          split='test', out_dir=tmp_path)
+  evaluate.evaluate_cases(_context(config), variables, cases, split='test',
+                          out_dir=tmp_path)
   predict_fn = inference.make_predict_fn(model, make_mesh())
   for case in cases:
     saved = nib.load(tmp_path / evaluate.PREDICTIONS_DIR
@@ -270,18 +275,18 @@ def test_nifti_predictions_and_overlays(demo_model, tmp_path):
   assert not (tmp_path / evaluate.OVERLAYS_DIR / f'{CASES[0][0]}.png').exists()
 
 
-def test_bad_config_is_refused(demo_model):
-  model, variables = demo_model
+def test_bad_config_is_refused_before_evaluating(demo_model):
+  _, variables = demo_model
   config = _config()
   config.model.num_classes = config.dataset.num_classes + 1
   with pytest.raises(ValueError, match='config.model.num_classes'):
-    evaluate.evaluate_cases(config, model, variables, [], mesh=make_mesh())
+    _context(config)
   config = _config()
   config.eval.metric_mode = 'medpy'
   with pytest.raises(ValueError, match='config.eval.metric_mode'):
-    evaluate.evaluate_cases(config, model, variables, [], mesh=make_mesh())
+    _context(config)
   with pytest.raises(ValueError, match='has no cases'):
-    evaluate.evaluate_cases(_config(), model, variables, [], mesh=make_mesh())
+    evaluate.evaluate_cases(_context(_config()), variables, [])
 
 
 def test_evaluate_checkpoint_end_to_end(demo_model, tmp_path):
@@ -300,7 +305,8 @@ def test_evaluate_checkpoint_end_to_end(demo_model, tmp_path):
   command.dataset.data_dir = str(data_dir)
   command.model.widths = tuple(2 * w for w in config.model.widths)
   command.batch_size = config.batch_size // 3
-  summary = evaluate.evaluate_checkpoint(command, workdir, which='latest')
+  ctx = context.create(command, 'eval', workdir=workdir)
+  summary = evaluate.evaluate_checkpoint(ctx, workdir, which='latest')
   out_dir = workdir / evaluate.EVAL_DIR / f'test_step{CHECKPOINT_STEP}'
   assert summary['step'] == CHECKPOINT_STEP
   assert summary['num_cases'] == DEMO_OPTIONS['num_test_cases']
@@ -310,8 +316,9 @@ def test_evaluate_checkpoint_end_to_end(demo_model, tmp_path):
   assert saved['mean_dice'] == pytest.approx(summary['mean_dice'])
   # The run's protocol and epochs: train slices in batches of the run's own
   # batch size (the checkpoint's config), not the command's.
-  train_slices = input_pipeline.open_dataset(
-      config.dataset.name, data_dir).info.splits['train'].num_examples
+  train_slices = tfds.builder_from_directory(
+      str(data_dir / config.dataset.name / '1.0.0')).info.splits[
+          'train'].num_examples
   epoch_steps = math.ceil(train_slices / config.batch_size)
   assert {key: saved[key] for key in ('checkpoint', 'protocol', 'train_slices',
                                       'steps_per_epoch', 'epoch')} == dict(
@@ -327,8 +334,8 @@ def test_evaluate_checkpoint_end_to_end(demo_model, tmp_path):
 
   # A model field set on the command line must match the checkpoint's.
   with pytest.raises(cli.UserError) as error:
-    evaluate.evaluate_checkpoint(command, workdir, which='latest',
-                                 overridden={'model.widths'})
+    context.create(command, 'eval', workdir=workdir,
+                   overridden={'model.widths'})
   assert str(error.value) == (
       f'--config.model.widths={command.model.widths!r} differs from the '
       f'model the checkpoints in {workdir} were saved with (widths='
@@ -336,10 +343,10 @@ def test_evaluate_checkpoint_end_to_end(demo_model, tmp_path):
       'model.')
 
   # The restored variables score like the in-memory ones.
-  direct = evaluate.evaluate_split(config, model, variables, 'test',
-                                   mesh=make_mesh())
+  data_context = context.create(config, 'eval')
+  direct = evaluate.evaluate_split(data_context, variables, 'test')
   for name in metrics.METRIC_NAMES:
     np.testing.assert_equal(direct[f'mean_{name}'], summary[f'mean_{name}'])
 
   with pytest.raises(ValueError, match="no split 'nope'"):
-    evaluate.evaluate_split(config, model, variables, 'nope', mesh=make_mesh())
+    evaluate.evaluate_split(data_context, variables, 'nope')

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from data_prep import build
 from data_prep import demo
-from selfreg_jax.evaluation import inference
+from selfreg_jax.core import context
 from selfreg_jax.core import input_pipeline
 
 # Tiny demo set with square slices of SLICE_SIZE px (so an image_size of
@@ -37,10 +37,20 @@ def make_config(data_dir, **dataset_overrides) -> ml_collections.ConfigDict:
   dataset = dict(name='selfreg_demo', data_dir=str(data_dir),
                  image_size=IMAGE_SIZE, train_split='train', num_workers=0,
                  augment=True, in_channels=demo.IN_CHANNELS,
-                 num_classes=demo.NUM_CLASSES)
+                 num_classes=demo.NUM_CLASSES, volumetric=True)
   dataset.update(dataset_overrides)
   return ml_collections.ConfigDict(
       dict(seed=0, batch_size=BATCH_SIZE, dataset=dataset))
+
+
+def train_loader(config, **kwargs):
+  return input_pipeline.create_train_loader(
+      config, input_pipeline.DataSet.open(config.dataset), **kwargs)
+
+
+def cases_of(config, split):
+  return input_pipeline.iterate_cases(
+      input_pipeline.DataSet.open(config.dataset), split)
 
 
 def take(iterator, count):
@@ -59,7 +69,7 @@ def generated_slices(split):
 
 
 def test_batches_have_the_configured_shapes_and_dtypes(data_dir):
-  batches = take(input_pipeline.create_train_loader(make_config(data_dir)),
+  batches = take(train_loader(make_config(data_dir)),
                  NUM_BATCHES)
   for batch in batches:
     assert set(batch) == {'image', 'label'}
@@ -75,11 +85,11 @@ def test_batches_have_the_configured_shapes_and_dtypes(data_dir):
 
 def test_same_seed_same_stream_other_seed_other_stream(data_dir):
   config = make_config(data_dir)
-  first = take(input_pipeline.create_train_loader(config), NUM_BATCHES)
-  again = take(input_pipeline.create_train_loader(config), NUM_BATCHES)
+  first = take(train_loader(config), NUM_BATCHES)
+  again = take(train_loader(config), NUM_BATCHES)
   assert_batches_equal(first, again)
   config.seed = 1
-  other = take(input_pipeline.create_train_loader(config), NUM_BATCHES)
+  other = take(train_loader(config), NUM_BATCHES)
   assert not np.array_equal(first[0]['image'], other[0]['image'])
 
 
@@ -90,7 +100,7 @@ def test_processes_read_disjoint_shards_covering_the_split(data_dir):
   process_count = 2
   epochs = {}
   for process_index in range(process_count):
-    loader = input_pipeline.create_train_loader(
+    loader = train_loader(
         config, process_index=process_index, process_count=process_count)
     shard_size = len(range(process_index, len(all_slices), process_count))
     local_batch = BATCH_SIZE // process_count
@@ -108,11 +118,11 @@ def test_processes_read_disjoint_shards_covering_the_split(data_dir):
 
 def test_resume_from_saved_state_continues_exactly(data_dir):
   config = make_config(data_dir)
-  loader = input_pipeline.create_train_loader(config)
+  loader = train_loader(config)
   take(loader, NUM_BATCHES)
   state = json.loads(json.dumps(loader.get_state()))
   expected = take(loader, NUM_BATCHES)
-  resumed = input_pipeline.create_train_loader(config)
+  resumed = train_loader(config)
   resumed.set_state(state)
   assert_batches_equal(take(resumed, NUM_BATCHES), expected)
 
@@ -135,25 +145,25 @@ def save_read_restore(iterator, fresh_iterator, tmp_path):
 def test_orbax_checkpoint_manager_saves_and_restores_the_iterator(
     data_dir, tmp_path):
   config = make_config(data_dir)
-  loader = input_pipeline.create_train_loader(config)
+  loader = train_loader(config)
   take(loader, NUM_BATCHES)
   restored, expected = save_read_restore(
-      loader, input_pipeline.create_train_loader(config), tmp_path)
+      loader, train_loader(config), tmp_path)
   assert_batches_equal(take(restored, NUM_BATCHES), expected)
 
 
 def test_worker_processes_give_the_same_stream_and_resume(data_dir):
   in_process = take(
-      input_pipeline.create_train_loader(make_config(data_dir)),
+      train_loader(make_config(data_dir)),
       2 * NUM_BATCHES)
   config = make_config(data_dir, num_workers=1)
-  loader = input_pipeline.create_train_loader(config)
+  loader = train_loader(config)
   try:
     assert_batches_equal(take(loader, NUM_BATCHES), in_process[:NUM_BATCHES])
     state = loader.get_state()
   finally:
     loader.close()
-  resumed = input_pipeline.create_train_loader(config)
+  resumed = train_loader(config)
   try:
     resumed.set_state(state)
     assert_batches_equal(take(resumed, NUM_BATCHES), in_process[NUM_BATCHES:])
@@ -162,15 +172,15 @@ def test_worker_processes_give_the_same_stream_and_resume(data_dir):
 
 
 def _batch_sharding():
-  return inference.batch_sharding(inference.data_mesh())
+  return context.batch_sharding(context.data_mesh())
 
 
 def test_prefetch_to_device_gives_the_batches_as_sharded_arrays(data_dir):
   config = make_config(data_dir)
-  expected = take(input_pipeline.create_train_loader(config), NUM_BATCHES)
+  expected = take(train_loader(config), NUM_BATCHES)
   sharding = _batch_sharding()
   prefetched = take(input_pipeline.prefetch_to_device(
-      input_pipeline.create_train_loader(config), 2, sharding), NUM_BATCHES)
+      train_loader(config), 2, sharding), NUM_BATCHES)
   for batch in prefetched:
     for array in batch.values():
       assert isinstance(array, jax.Array) and array.sharding == sharding
@@ -181,7 +191,7 @@ def test_prefetch_to_device_gives_the_batches_as_sharded_arrays(data_dir):
 def test_prefetched_iterator_checkpoint_resumes_at_the_first_unused_batch(
     data_dir, tmp_path, size):
   config = make_config(data_dir)
-  loader = input_pipeline.create_train_loader(config)
+  loader = train_loader(config)
   prefetched = input_pipeline.prefetch_to_device(loader, size,
                                                  _batch_sharding())
   take(prefetched, NUM_BATCHES)
@@ -189,7 +199,7 @@ def test_prefetched_iterator_checkpoint_resumes_at_the_first_unused_batch(
   assert (loader.get_state() == prefetched.get_state()) == (size == 1)
   restored, expected = save_read_restore(
       prefetched, input_pipeline.prefetch_to_device(
-          input_pipeline.create_train_loader(config), size,
+          train_loader(config), size,
           _batch_sharding()), tmp_path)
   assert_batches_equal(jax.device_get(take(restored, NUM_BATCHES)),
                        jax.device_get(expected))
@@ -207,7 +217,7 @@ def test_prefetch_to_device_ends_with_its_iterator():
 def test_prefetch_to_device_needs_a_positive_size(data_dir):
   with pytest.raises(ValueError, match='prefetch size must be >= 1, got 0'):
     input_pipeline.prefetch_to_device(
-        input_pipeline.create_train_loader(make_config(data_dir)), 0,
+        train_loader(make_config(data_dir)), 0,
         _batch_sharding())
 
 
@@ -272,7 +282,7 @@ def test_augmentation_and_resize_stay_aligned_up_to_edges():
 
 @pytest.mark.parametrize('split', ['train', 'test'])
 def test_iterate_cases_rebuilds_the_generated_volumes(data_dir, split):
-  cases = list(input_pipeline.iterate_cases(make_config(data_dir), split))
+  cases = list(cases_of(make_config(data_dir), split))
   expected = {}
   for ex in generated_slices(split):
     expected.setdefault(ex['case_id'], []).append(ex)
@@ -290,14 +300,14 @@ def test_iterate_cases_rebuilds_the_generated_volumes(data_dir, split):
 def test_missing_data_set_names_the_build_command(tmp_path):
   with pytest.raises(FileNotFoundError,
                      match='python -m data_prep.build demo --out'):
-    input_pipeline.create_train_loader(make_config(tmp_path))
+    train_loader(make_config(tmp_path))
 
 
 def test_config_mismatches_are_reported(data_dir):
   with pytest.raises(ValueError, match="'num_classes': 5.*'num_classes': 9"):
-    input_pipeline.create_train_loader(make_config(data_dir, num_classes=9))
+    train_loader(make_config(data_dir, num_classes=9))
   with pytest.raises(ValueError, match='not divisible'):
-    input_pipeline.create_train_loader(make_config(data_dir),
+    train_loader(make_config(data_dir),
                                        process_index=0, process_count=3)
   with pytest.raises(ValueError, match="no split 'nonesuch'"):
-    list(input_pipeline.iterate_cases(make_config(data_dir), 'nonesuch'))
+    list(cases_of(make_config(data_dir), 'nonesuch'))

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import tiny_configs as tc
+from selfreg_jax.core.models import create_model
 from selfreg_jax.interop import pretrained
 from selfreg_jax.interop.convert import abstract_variables
-from selfreg_jax.core.models import create_model
 from test_torch_io import _contiguous, _write_torch_zip
 
 SEED = 0

@@ -14,14 +14,12 @@ import warnings
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import tiny_train_config
-from selfreg_jax.evaluation import inference
-from selfreg_jax.core import input_pipeline
 from selfreg_jax import train
-from selfreg_jax.core.models import create_model
+from selfreg_jax.core import context
+from selfreg_jax.core import input_pipeline
 
 COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 RUN_STEPS = 4
@@ -160,21 +158,21 @@ def test_steady_state_steps_make_no_implicit_transfer_and_no_compilation(
   and TPU, any implicit read (float(), np.asarray) would raise here too.
   """
   config = _config(tiny_demo_data_dir)
-  mesh = inference.data_mesh()
-  model = create_model(config.model, dtype=jnp.dtype(config.dtype))
+  ctx = context.create(config, 'train')
+  mesh, model = ctx.mesh, ctx.model
   schedule = train.learning_rate_schedule(
       config, input_pipeline.steps_per_epoch(
-          input_pipeline.num_train_slices(config), config.batch_size),
+          ctx.data.num_slices(config.dataset.train_split), config.batch_size),
       config.num_train_steps)
   tx = train.create_optimizer(config, schedule)
   init_key, base_key = jax.random.split(jax.random.key(config.seed))
   state = jax.jit(functools.partial(train.initial_state, model, tx, config),
-                  out_shardings=inference.replicated_sharding(mesh))(init_key)
+                  out_shardings=ctx.replicated)(init_key)
   step_fn = train.jit_train_step(model, tx, schedule, dict(config.loss),
                                  base_key, mesh)
   batches = input_pipeline.prefetch_to_device(
-      input_pipeline.create_train_loader(config), config.prefetch_to_device,
-      inference.batch_sharding(mesh))
+      input_pipeline.create_train_loader(config, ctx.data),
+      config.prefetch_to_device, ctx.batch_sharding)
   state, pending = step_fn(state, next(batches))
 
   read = []

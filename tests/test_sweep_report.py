@@ -15,11 +15,11 @@ from PIL import Image
 
 import tiny_train_config
 from configs.studies import monuseg_cpu
-from selfreg_jax.core import checkpoints
 from selfreg_jax.common import cli
+from selfreg_jax.common import files
+from selfreg_jax.core import checkpoints
 from selfreg_jax.core import configuration
 from selfreg_jax.evaluation import evaluate
-from selfreg_jax.common import files
 from selfreg_jax.tools import report
 from selfreg_jax.tools import sweep
 

@@ -13,7 +13,6 @@ import sys
 
 from clu import metric_writers
 import jax
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -28,13 +27,15 @@ import tiny_train_config
 from configs import synapse_swin
 from data_prep import build
 from data_prep.sources import synapse
-from selfreg_jax.core import checkpoints
-from selfreg_jax.common import cli
-from selfreg_jax.core import configuration
-from selfreg_jax.common import distributed
-from selfreg_jax.evaluation import evaluate
 from selfreg_jax import train
+from selfreg_jax.common import cli
+from selfreg_jax.common import distributed
+from selfreg_jax.core import checkpoints
+from selfreg_jax.core import configuration
+from selfreg_jax.core import input_pipeline
+from selfreg_jax.core import outputs
 from selfreg_jax.core.models import create_model
+from selfreg_jax.evaluation import evaluate
 from test_checkpoints import flip_bytes, weight_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def test_demo_training_lowers_loss_and_writes_logs_and_checkpoints(
   losses = _scalar_series(tmp_path, 'train/total')
   assert losses[-1] < 0.8 * losses[0]
   tags = _events(tmp_path).Tags()['tensors']
-  names = evaluate.class_names(config.dataset)
+  names = input_pipeline.DataSet.open(config.dataset).class_names
   for tag in ('train/ce', 'train/dice', 'train/scr', 'train/ifd',
               'train/learning_rate', 'train/grad_norm',
               'train/steps_per_sec', 'train/input_prediction_truth',
@@ -152,7 +153,7 @@ def test_one_logit_models_log_their_cross_entropy_as_bce(tmp_path, caplog):
   interval = [{'total': 1.0, 'ce': 0.5, 'dice': 0.25, 'scr': 0.125,
                'ifd': 0.0625, 'grad_norm': 2.0, 'learning_rate': 0.1}] * 2
   writer = metric_writers.SummaryWriter(str(tmp_path))
-  names = train.loss_names(ml_collections.ConfigDict({'num_classes': 1}))
+  names = outputs.loss_part_names(1)
   with caplog.at_level(logging.INFO):
     train._write_interval(writer, 7, 10, interval, 0.5, names)  # pylint: disable=protected-access
   writer.close()

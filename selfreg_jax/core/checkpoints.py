@@ -160,6 +160,14 @@ def create_manager(workdir: str | pathlib.Path, *, keep_last: int = 3,
       pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
 
 
+def has_checkpoints(workdir: str | pathlib.Path) -> bool:
+  """Whether `workdir` holds at least one finished checkpoint step."""
+  if not (pathlib.Path(workdir) / CHECKPOINT_DIR).is_dir():
+    return False
+  with create_manager(workdir, read_only=True) as manager:
+    return bool(manager.all_steps())
+
+
 def _named_host_arrays(tree: Any) -> list[tuple[str, np.ndarray]]:
   """(path 'params/inc/kernel', host copy) of every array of `tree`.
 
@@ -583,22 +591,16 @@ def restore_variables(workdir: str | pathlib.Path, abstract_variables: Any,
                       steps_per_epoch: int | None = None) -> tuple[Any, int]:
   """Restores the model variables of a checkpoint: (variables, step).
 
-  `which` is a choice of `select_step`. Leaves of `abstract_variables`
-  without a sharding are restored replicated over all current devices,
-  whatever devices the checkpoint was saved from.
+  `which` is a choice of `select_step`. The variables are restored with the
+  shardings of `abstract_variables` (e.g. `RunContext.abstract_variables`:
+  replicated over the current devices, whatever devices the checkpoint was
+  saved from).
 
   Raises:
     CheckpointError: the selected step does not restore intact; it is
       named, with the reason and the other steps, and nothing else is
       restored in its place.
   """
-  replicated = jax.sharding.NamedSharding(
-      jax.sharding.Mesh(jax.devices(), ('devices',)),
-      jax.sharding.PartitionSpec())
-  abstract_variables = jax.tree.map(
-      lambda x: x if getattr(x, 'sharding', None) is not None else
-      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      abstract_variables)
   with create_manager(workdir, read_only=True) as manager:
     step = select_step(manager, which, steps_per_epoch)
     try:

@@ -12,8 +12,9 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 
-from selfreg_jax.core import checkpoints
 from selfreg_jax.common import cli
+from selfreg_jax.core import checkpoints
+from selfreg_jax.core import outputs
 from selfreg_jax.core.models import MODELS
 from selfreg_jax.core.models import unet
 from selfreg_jax.core.models.swin_unet import stage_windows
@@ -153,13 +154,13 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
   if model.in_channels != dataset.in_channels:
     raise ConfigError(f'config.model.in_channels={model.in_channels} differs '
                       f'from config.dataset.in_channels={dataset.in_channels}.')
-  binary = dataset.num_classes == 2
-  if not (model.num_classes == dataset.num_classes
-          or (binary and model.num_classes == 1)):
+  fitting = outputs.fitting_outputs(dataset.num_classes)
+  if model.num_classes not in fitting:
     raise ConfigError(
         f'config.model.num_classes={model.num_classes} does not fit '
         f'config.dataset.num_classes={dataset.num_classes} (use '
-        f'{dataset.num_classes}, or 1 sigmoid logit for a binary set).')
+        f'{" or ".join(map(str, fitting))}; 1 is the sigmoid head of a '
+        'binary set).')
   if model.name == 'unet' and dataset.image_size < unet.MIN_IMAGE_SIZE:
     raise ConfigError(
         f'config.dataset.image_size={dataset.image_size}: the UNet needs >= '

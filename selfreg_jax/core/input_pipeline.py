@@ -15,6 +15,10 @@ state (`get_state()` / `set_state()`) resumes it exactly.
 them, keeping that exactness.
 
 Evaluation (`iterate_cases`): whole cases rebuilt from their slices.
+
+A built set is opened once per run (`DataSet.open`, checked against
+config.dataset) and the opened `DataSet` is passed to the loader and the case
+iterator.
 """
 
 import collections
@@ -98,45 +102,85 @@ def open_dataset(
   return tfds.builder_from_directory(str(newest.parent))
 
 
-def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
-  if split not in builder.info.splits:
-    raise cli.UserError(f'{builder.data_dir}: no split {split!r}; available: '
-                        f'{sorted(builder.info.splits)}.')
+def generic_class_names(num_classes: int) -> tuple[str, ...]:
+  """Names of foreground classes 1..C-1 for a data set that records none:
+  ('foreground',) for a binary set, else ('class_1', ...)."""
+  if num_classes == 2:
+    return ('foreground',)
+  return tuple(f'class_{k}' for k in range(1, num_classes))
 
 
-def dataset_properties(builder: tfds.core.DatasetBuilder) -> dict[str, int]:
-  """Channels and classes of a built data set (from its features/metadata)."""
-  try:
-    num_classes = int(builder.info.metadata['num_classes'])
-  except (KeyError, TypeError) as e:
-    raise cli.UserError(f'{builder.data_dir}/metadata.json: no num_classes; '
-                        'was this data set built by data_prep.build?') from e
-  return {
-      'in_channels': int(builder.info.features['image'].shape[-1]),
-      'num_classes': num_classes,
-  }
+@dataclasses.dataclass(frozen=True, eq=False)
+class DataSet:
+  """A built data set, opened once, and its facts (from its metadata).
 
-
-def check_matches_config(builder: tfds.core.DatasetBuilder,
-                         dataset_config: ml_collections.ConfigDict) -> None:
-  """Checks channels and classes against config.dataset.
-
-  Raises:
-    UserError: they differ from dataset_config.in_channels / num_classes.
+  Attributes:
+    builder: the TFDS builder read from the data set's folder.
+    num_classes: classes, background included.
+    in_channels: image channels.
+    volumetric: whether cases are volumes (else 2D images).
+    class_names: names of the foreground classes 1..C-1, as the build
+      recorded them (generic ones for sets built before names were recorded).
   """
-  found = dataset_properties(builder)
-  expected = {key: int(dataset_config[key]) for key in found}
-  if found != expected:
-    raise cli.UserError(
-        f'{builder.data_dir}: data set has {found} but config.dataset asks '
-        f'for {expected}.')
+  builder: tfds.core.DatasetBuilder
+  num_classes: int
+  in_channels: int
+  volumetric: bool
+  class_names: tuple[str, ...]
 
+  @classmethod
+  def open(cls, dataset_config: ml_collections.ConfigDict) -> 'DataSet':
+    """Opens config.dataset's built set and checks it against the config.
 
-def num_train_slices(config: ml_collections.ConfigDict) -> int:
-  """Slices (2D images) in the training split of config.dataset."""
-  builder = open_dataset(config.dataset.name, config.dataset.data_dir)
-  _check_split(builder, config.dataset.train_split)
-  return builder.info.splits[config.dataset.train_split].num_examples
+    Raises:
+      FileNotFoundError: the set is not built (names the build command).
+      UserError: its classes, channels or kind (volumes or 2D images) differ
+        from dataset_config.num_classes / in_channels / volumetric.
+    """
+    builder = open_dataset(dataset_config.name, dataset_config.data_dir)
+    metadata = builder.info.metadata or {}
+    try:
+      num_classes = int(metadata['num_classes'])
+    except (KeyError, TypeError) as e:
+      raise cli.UserError(f'{builder.data_dir}/metadata.json: no num_classes; '
+                          'was this data set built by data_prep.build?') from e
+    found = {'num_classes': num_classes,
+             'in_channels': int(builder.info.features['image'].shape[-1]),
+             'volumetric': bool(metadata.get('is_volumetric',
+                                             dataset_config.volumetric))}
+    expected = {key: type(value)(dataset_config[key])
+                for key, value in found.items()}
+    if found != expected:
+      raise cli.UserError(
+          f'{builder.data_dir}: data set has {found} but config.dataset asks '
+          f'for {expected}.')
+    names = metadata.get('class_names')
+    names = (tuple(names[1:]) if names and len(names) == num_classes
+             else generic_class_names(num_classes))
+    return cls(builder=builder, class_names=names, **found)
+
+  @property
+  def directory(self) -> str:
+    return self.builder.data_dir
+
+  def has_split(self, split: str) -> bool:
+    return split in self.builder.info.splits
+
+  def num_slices(self, split: str) -> int:
+    """Slices (2D images) in `split`."""
+    self._check_split(split)
+    return self.builder.info.splits[split].num_examples
+
+  def source(self, split: str, **kwargs) -> Any:
+    """The random-access records of `split` (TFDS data source)."""
+    self._check_split(split)
+    return self.builder.as_data_source(split, **kwargs)
+
+  def _check_split(self, split: str) -> None:
+    if not self.has_split(split):
+      raise cli.UserError(
+          f'{self.directory}: no split {split!r}; available: '
+          f'{sorted(self.builder.info.splits)}.')
 
 
 def steps_per_epoch(num_slices: int, batch_size: int) -> int:
@@ -291,18 +335,18 @@ def train_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
   return ds
 
 
-def create_train_loader(config: ml_collections.ConfigDict, *,
+def create_train_loader(config: ml_collections.ConfigDict, data: DataSet, *,
                         process_index: int | None = None,
                         process_count: int | None = None
                         ) -> grain.DatasetIterator:
-  """Iterator over this process's training batches.
+  """Iterator over this process's training batches of `data`.
 
-  Reads config.seed, config.batch_size (global) and config.dataset.{name,
-  data_dir, image_size, train_split, num_workers, augment, in_channels,
-  num_classes}.
+  Reads config.seed, config.batch_size (global) and config.dataset.{
+  image_size, train_split, num_workers, augment}.
 
   Args:
     config: experiment config.
+    data: the opened data set (`DataSet.open(config.dataset)`).
     process_index, process_count: default jax.process_index() and
       jax.process_count().
 
@@ -320,11 +364,8 @@ def create_train_loader(config: ml_collections.ConfigDict, *,
   if config.batch_size % process_count:
     raise ValueError(f'config.batch_size={config.batch_size} is not divisible '
                      f'by the {process_count} processes.')
-  builder = open_dataset(config.dataset.name, config.dataset.data_dir)
-  check_matches_config(builder, config.dataset)
-  _check_split(builder, config.dataset.train_split)
   dataset = train_dataset(
-      builder.as_data_source(config.dataset.train_split),
+      data.source(config.dataset.train_split),
       batch_size=config.batch_size // process_count,
       image_size=config.dataset.image_size,
       augment=config.dataset.augment,
@@ -414,12 +455,11 @@ def prefetch_to_device(iterator: grain.DatasetIterator, size: int,
 # Whole cases for evaluation.
 
 
-def _case_slices(builder: tfds.core.DatasetBuilder,
+def _case_slices(data: DataSet,
                  split: str) -> dict[str, list[tuple[int, int]]]:
   """case_id -> sorted [(slice_index, record index)] of a split."""
   skip = tfds.decode.SkipDecoding()
-  index_source = builder.as_data_source(
-      split, decoders={'image': skip, 'label': skip})
+  index_source = data.source(split, decoders={'image': skip, 'label': skip})
   slices = {}
   for start in range(0, len(index_source), _INDEX_CHUNK):
     indices = range(start, min(start + _INDEX_CHUNK, len(index_source)))
@@ -433,26 +473,22 @@ def _case_slices(builder: tfds.core.DatasetBuilder,
     entries.sort()
     slice_indices = [slice_index for slice_index, _ in entries]
     if len(set(slice_indices)) != len(slice_indices):
-      raise ValueError(f'{builder.data_dir}: split {split!r} holds case '
+      raise ValueError(f'{data.directory}: split {split!r} holds case '
                        f'{case_id!r} with repeated slice indices.')
   return slices
 
 
-def iterate_cases(config: ml_collections.ConfigDict,
-                  split: str) -> Iterator[Case]:
+def iterate_cases(data: DataSet, split: str) -> Iterator[Case]:
   """Yields the cases of `split`, sorted by case_id, at native resolution.
 
   Slices are stacked in slice_index order; 2D data sets give D = 1.
-  Reads config.dataset.{name, data_dir}.
   """
-  builder = open_dataset(config.dataset.name, config.dataset.data_dir)
-  _check_split(builder, split)
-  source = builder.as_data_source(split)
-  for case_id, entries in sorted(_case_slices(builder, split).items()):
+  source = data.source(split)
+  for case_id, entries in sorted(_case_slices(data, split).items()):
     records = source.__getitems__([index for _, index in entries])
     shapes = {r['label'].shape for r in records}
     if len(shapes) != 1:
-      raise ValueError(f'{builder.data_dir}: slices of case {case_id!r} in '
+      raise ValueError(f'{data.directory}: slices of case {case_id!r} in '
                        f'split {split!r} differ in shape: {sorted(shapes)}.')
     yield Case(
         case_id=case_id,

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from selfreg_jax.core import outputs
 from selfreg_jax.core.models.features import Features
 
 DICE_SMOOTH = 1e-5
@@ -269,12 +270,13 @@ def total_loss(logits: jax.Array, labels: jax.Array, features: Features,
   """L = w_ce CE + w_dice Dice + scr_weight L_SCR + ifd_weight L_IFD.
 
   `loss_config` fields: ce_weight, dice_weight, scr_weight, ifd_weight and
-  optionally use_selfreg (False: the baseline, both weights 0). A one-channel
-  `logits` selects the binary Dice+BCE form (ce_weight then weights BCE). Returns the scalar
-  and its unweighted parts {ce, dice, scr, ifd} plus the total.
+  optionally use_selfreg (False: the baseline, both weights 0). The one-logit
+  head (`outputs.is_one_logit`) selects the binary Dice+BCE form (ce_weight
+  then weights BCE). Returns the scalar and its unweighted parts {ce, dice,
+  scr, ifd} plus the total.
   """
   scr_weight, ifd_weight = selfreg_weights(loss_config)
-  if logits.shape[-1] == 1:
+  if outputs.is_one_logit(logits.shape[-1]):
     ce, dice = binary_dice_bce(logits, labels)
   else:
     ce, dice = cross_entropy(logits, labels), soft_dice(logits, labels)

@@ -38,27 +38,22 @@ import io
 import itertools
 import pathlib
 import time
-from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from absl import logging
 from clu import metric_writers
 import jax
-import jax.numpy as jnp
-import ml_collections
 import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from data_prep import sources
-from selfreg_jax.core import checkpoints
-from selfreg_jax.core import configuration
 from selfreg_jax.common import files
-from selfreg_jax.evaluation import inference
+from selfreg_jax.core import checkpoints
+from selfreg_jax.core import context
 from selfreg_jax.core import input_pipeline
+from selfreg_jax.evaluation import inference
 from selfreg_jax.evaluation import metrics
-from selfreg_jax.core import models
 from selfreg_jax.evaluation import visualize
-from selfreg_jax.core.models import create_model
 
 METRICS_FILE = 'metrics_per_case.csv'
 SUMMARY_FILE = 'summary.json'
@@ -90,54 +85,18 @@ class PredictedCase:
   spacing: tuple[float, float, float]
 
 
-def class_names(dataset_config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Names of the foreground classes 1..C-1 of a data set.
-
-  Taken from the source module's CLASS_NAMES when it has them, else
-  ('foreground',) for binary sets and ('class_1', ...) otherwise.
-  """
-  num_classes = dataset_config.num_classes
-  short_name = dataset_config.name.removeprefix('selfreg_')
-  names = None
-  if short_name in sources.SOURCE_MODULES:
-    names = getattr(sources.load_source(short_name), 'CLASS_NAMES', None)
-  if names is not None and len(names) == num_classes:
-    return tuple(names[1:])
-  if num_classes == 2:
-    return ('foreground',)
-  return tuple(f'class_{k}' for k in range(1, num_classes))
-
-
-def _check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError if the model, data set or metric mode do not fit."""
-  dataset, model = config.dataset, config.model
-  if config.eval.metric_mode not in metrics.MODES:
-    raise ValueError(f'config.eval.metric_mode={config.eval.metric_mode!r}: '
-                     f'choose one of {metrics.MODES}.')
-  outputs = (dataset.num_classes,) + ((1,) if dataset.num_classes == 2 else ())
-  if model.num_classes not in outputs:
-    raise ValueError(
-        f'config.model.num_classes={model.num_classes} does not fit '
-        f'config.dataset.num_classes={dataset.num_classes} (expected one of '
-        f'{outputs}).')
-  if model.in_channels != dataset.in_channels:
-    raise ValueError(
-        f'config.model.in_channels={model.in_channels} differs from '
-        f'config.dataset.in_channels={dataset.in_channels}.')
-
-
 def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
   iterator = iter(items)
   while chunk := list(itertools.islice(iterator, size)):
     yield chunk
 
 
-def _predict_cases(config: ml_collections.ConfigDict, predict_fn,
-                   variables: Any, cases: Iterable[input_pipeline.Case],
+def _predict_cases(ctx: context.RunContext, predict_fn, variables: Any,
+                   cases: Iterable[input_pipeline.Case],
                    batch_size: int) -> Iterator[PredictedCase]:
   """Predicts every case on the grid its metrics are computed on."""
-  image_size = config.dataset.image_size
-  if config.dataset.volumetric:
+  image_size = ctx.config.dataset.image_size
+  if ctx.config.dataset.volumetric:
     for case in cases:
       prediction = inference.predict_volume(predict_fn, variables, case.image,
                                             image_size, batch_size)
@@ -158,22 +117,21 @@ def _predict_cases(config: ml_collections.ConfigDict, predict_fn,
                           label[None], (1.0, 1.0, 1.0))
 
 
-def evaluate_cases(config: ml_collections.ConfigDict, model, variables: Any,
-                   cases: Iterable[input_pipeline.Case], *,
-                   mesh: jax.sharding.Mesh, split: str = '',
+def evaluate_cases(ctx: context.RunContext, variables: Any,
+                   cases: Iterable[input_pipeline.Case], *, split: str = '',
                    out_dir: str | pathlib.Path | None = None,
                    step: int | None = None,
                    run_info: Mapping[str, Any] | None = None
                    ) -> dict[str, Any]:
   """Predicts and scores `cases`; see `evaluate_split`."""
-  _check_config(config)
+  config = ctx.config
   mode = config.eval.metric_mode
   volumetric = config.dataset.volumetric
   num_classes = config.dataset.num_classes
-  names = class_names(config.dataset)
-  predict_fn = inference.make_predict_fn(model, mesh)
-  variables = inference.replicate(variables, mesh)
-  batch_size = inference.round_up_batch_size(config.eval.batch_size, mesh)
+  names = ctx.class_names
+  predict_fn = inference.make_predict_fn(ctx.model, ctx.mesh)
+  variables = jax.device_put(variables, ctx.replicated)
+  batch_size = inference.round_up_batch_size(config.eval.batch_size, ctx.mesh)
   writes = out_dir is not None and jax.process_index() == 0
   out_dir = pathlib.Path(out_dir) if out_dir is not None else None
   overlay_ids = {str(case_id) for case_id in config.eval.overlay_cases}
@@ -198,8 +156,7 @@ def evaluate_cases(config: ml_collections.ConfigDict, model, variables: Any,
   # Metrics run in a thread (SciPy's k-d tree queries release the GIL) while
   # the next case is read, resized and predicted.
   with futures.ThreadPoolExecutor(max_workers=1) as pool:
-    for case in _predict_cases(config, predict_fn, variables, cases,
-                               batch_size):
+    for case in _predict_cases(ctx, predict_fn, variables, cases, batch_size):
       spacing = case.spacing if mode == 'standard' else None
       pending.append((case.case_id, len(case.prediction), pool.submit(
           metrics.multiclass_metrics, case.prediction, case.truth,
@@ -237,21 +194,20 @@ def evaluate_cases(config: ml_collections.ConfigDict, model, variables: Any,
   return summary
 
 
-def evaluate_split(config: ml_collections.ConfigDict, model, variables: Any,
-                   split: str, *, mesh: jax.sharding.Mesh,
+def evaluate_split(ctx: context.RunContext, variables: Any, split: str, *,
                    out_dir: str | pathlib.Path | None = None,
                    step: int | None = None,
                    run_info: Mapping[str, Any] | None = None
                    ) -> dict[str, Any]:
-  """Evaluates `model` on every case of a split of the built data set.
+  """Evaluates the context's model on every case of a split of its data set.
 
   Args:
-    config: experiment config (reads dataset.*, model.num_classes,
-      model.in_channels and eval.*).
-    model: the Flax model; `variables` its variables.
+    ctx: the run context (reads its model, mesh, data set, class names and
+      config.dataset.{image_size, volumetric, num_classes} and eval.*);
+      batches of config.eval.batch_size (rounded up to a multiple of the
+      device count) are split over its mesh.
+    variables: the model's variables.
     split: split name of the built data set (e.g. 'validation', 'test').
-    mesh: a mesh with one axis 'data'; batches of config.eval.batch_size
-      (rounded up to a multiple of the device count) are split over it.
     out_dir: folder for the files listed in the module docstring; None
       writes nothing (validation during training).
     step: training step of `variables`, recorded in the summary.
@@ -265,23 +221,10 @@ def evaluate_split(config: ml_collections.ConfigDict, model, variables: Any,
     ('voxel', 'mm' or 'pixel'), split, step, volumetric, image_size,
     seconds, slices_per_second and table (the text of `format_table`).
   """
-  builder = input_pipeline.open_dataset(config.dataset.name,
-                                        config.dataset.data_dir)
-  input_pipeline.check_matches_config(builder, config.dataset)
-  return evaluate_cases(config, model, variables,
-                        input_pipeline.iterate_cases(config, split),
-                        mesh=mesh, split=split, out_dir=out_dir, step=step,
+  return evaluate_cases(ctx, variables,
+                        input_pipeline.iterate_cases(ctx.data, split),
+                        split=split, out_dir=out_dir, step=step,
                         run_info=run_info)
-
-
-def abstract_variables(config: ml_collections.ConfigDict, model,
-                       mesh: jax.sharding.Mesh) -> Any:
-  """Shapes, dtypes and (replicated) shardings of the model's variables."""
-  shapes = models.abstract_variables(model, config.dataset.image_size)
-  replicated = inference.replicated_sharding(mesh)
-  return jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-      shapes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,69 +232,50 @@ class RestoredCheckpoint:
   """A checkpoint of a run, ready to predict with.
 
   Attributes:
-    config: the command's config with the checkpoints' model
-      (`checkpoints.with_stored_model`).
-    model: the Flax model of config.model.
-    mesh: the data mesh of all devices; `variables` are replicated on it.
-    variables: the checkpoint's model variables.
+    variables: the checkpoint's model variables, replicated on the
+      context's mesh.
     step: the checkpoint's step.
     info: checkpoint (the choice), protocol, train_slices, steps_per_epoch
       and epoch (the step in epochs) of the run.
   """
-  config: ml_collections.ConfigDict
-  model: Any
-  mesh: jax.sharding.Mesh
   variables: Any
   step: int
   info: dict[str, Any]
 
 
-def restore_checkpoint(config: ml_collections.ConfigDict,
-                       workdir: str | pathlib.Path, which: str,
-                       overridden: Collection[str] = ()
-                       ) -> RestoredCheckpoint:
+def restore_checkpoint(ctx: context.RunContext, workdir: str | pathlib.Path,
+                       which: str) -> RestoredCheckpoint:
   """Restores checkpoint `which` ('best', 'latest', 'epoch:N' or a step) of
-  `workdir` with the model it was saved with.
+  `workdir`, whose model the context holds (`context.create(...,
+  workdir=workdir)`).
 
   'epoch:N' counts epochs of the data set's training split in batches of
   the run's own batch size.
-
-  Raises:
-    UserError: a model field in `overridden` differs from the checkpoints'
-      model, or the resulting config is invalid.
   """
-  stored = checkpoints.stored_config(workdir)
-  config = checkpoints.with_stored_model(config, stored, workdir, overridden)
-  configuration.validate(config, 'eval')
-  trained = stored or config  # the protocol and batch size the run used
-  num_slices = input_pipeline.num_train_slices(config)
+  trained = ctx.saved_config or ctx.config  # the run's protocol and batch
+  num_slices = ctx.data.num_slices(ctx.config.dataset.train_split)
   epoch_steps = input_pipeline.steps_per_epoch(num_slices, trained.batch_size)
-  model = create_model(config.model, dtype=jnp.dtype(config.dtype))
-  mesh = inference.data_mesh()
   variables, step = checkpoints.restore_variables(
-      workdir, abstract_variables(config, model, mesh), which, epoch_steps)
+      workdir, ctx.abstract_variables, which, epoch_steps)
   info = dict(checkpoint=which, protocol=trained.get('protocol', 'validated'),
               train_slices=num_slices, steps_per_epoch=epoch_steps,
               epoch=step / epoch_steps)
-  return RestoredCheckpoint(config, model, mesh, variables, step, info)
+  return RestoredCheckpoint(variables, step, info)
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict,
+def evaluate_checkpoint(ctx: context.RunContext,
                         workdir: str | pathlib.Path, *,
                         split: str | None = None,
-                        which: str | int | None = None,
-                        overridden: Collection[str] = ()) -> dict[str, Any]:
+                        which: str | int | None = None) -> dict[str, Any]:
   """Evaluates a checkpoint of `workdir` on a split and writes the results.
 
   Args:
-    config: experiment config; the model is the checkpoints' own
-      (`restore_checkpoint`).
+    ctx: the run context, built with `workdir` (so its model is the one the
+      checkpoints were saved with).
     workdir: run folder holding `checkpoints/`.
     split: split to evaluate; default config.eval.split.
     which: 'best', 'latest', 'epoch:N' or a step; default
       config.eval.checkpoint.
-    overridden: dotted config keys set on the command line; a model field
-      among them must equal the checkpoints'.
 
   Returns:
     The summary of `evaluate_split` plus the run's `RestoredCheckpoint.info`
@@ -359,15 +283,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
     the summary's scalars (`summary_scalars`) to TensorBoard as
     '<split>/...' at step N.
   """
-  split = split or config.eval.split
-  which = str(config.eval.checkpoint if which is None else which)
-  restored = restore_checkpoint(config, workdir, which, overridden)
+  split = split or ctx.config.eval.split
+  which = str(ctx.config.eval.checkpoint if which is None else which)
+  restored = restore_checkpoint(ctx, workdir, which)
   step = restored.step
   out_dir = pathlib.Path(workdir) / EVAL_DIR / f'{split}_step{step}'
   logging.info('Evaluating checkpoint %s (step %d) of %s on split %r into %s',
                which, step, workdir, split, out_dir)
-  summary = evaluate_split(restored.config, restored.model, restored.variables,
-                           split, mesh=restored.mesh, out_dir=out_dir,
+  summary = evaluate_split(ctx, restored.variables, split, out_dir=out_dir,
                            step=step, run_info=restored.info)
   if jax.process_index() == 0:
     writer = metric_writers.SummaryWriter(str(workdir))

@@ -7,9 +7,10 @@ sigmoid > 0.5 for one-logit binary models) is resized back with nearest
 neighbour (order 0) for volumes, or kept at `image_size` for the 2D data sets
 (GlaS / MoNuSeg, whose labels are resized to `image_size` instead).
 
-Batches are split over the devices of a mesh with one axis named 'data';
-variables are replicated. The last batch of a case is padded up to the fixed
-batch size (so the function compiles once), and the padding is dropped.
+Batches are split over the devices of a mesh with one axis named 'data'
+(`context.data_mesh`); variables are replicated. The last batch of a case is
+padded up to the fixed batch size (so the function compiles once), and the
+padding is dropped.
 """
 
 import functools
@@ -17,38 +18,11 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-DATA_AXIS = 'data'
-# Largest class count whose ids fit the uint8 predictions.
-_MAX_CLASSES = 256
-
-
-def data_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over all devices (of all processes) with the axis 'data'.
-
-  Auto axis types: the Swin window reshapes need the sharding propagation of
-  Auto axes (Explicit axes, jax.make_mesh's default, reject them).
-  """
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def replicated_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-  """Sharding that puts a full copy of an array on every device of `mesh`."""
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-  """Sharding that splits axis 0 of an array over the 'data' axis of `mesh`."""
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
-
-
-def replicate(variables: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Places (a copy of) every leaf of `variables` on all devices of `mesh`."""
-  return jax.device_put(variables, replicated_sharding(mesh))
+from selfreg_jax.core import context
+from selfreg_jax.core import outputs
 
 
 def round_up_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
@@ -56,22 +30,6 @@ def round_up_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
   return -(-batch_size // mesh.size) * mesh.size
-
-
-def predictions(logits: jax.Array) -> jax.Array:
-  """(N, S, S, K) logits -> (N, S, S) uint8 class ids.
-
-  Argmax over K classes, or sigmoid(logit) > 0.5 for one logit (K == 1).
-  """
-  logits = logits.astype(jnp.float32)
-  num_logits = logits.shape[-1]
-  if num_logits > _MAX_CLASSES:
-    raise ValueError(f'{num_logits} classes do not fit uint8 predictions.')
-  if num_logits == 1:
-    classes = jax.nn.sigmoid(logits[..., 0]) > 0.5
-  else:
-    classes = jnp.argmax(logits, axis=-1)
-  return classes.astype(jnp.uint8)
 
 
 @functools.lru_cache(maxsize=8)
@@ -94,18 +52,18 @@ def make_predict_fn(model: nn.Module, mesh: jax.sharding.Mesh):
     along N. A NumPy `images` is the global batch: every process must pass
     the same one.
   """
-  if DATA_AXIS not in mesh.axis_names:
-    raise ValueError(f'The mesh needs an axis named {DATA_AXIS!r}, got axes '
-                     f'{mesh.axis_names}.')
-  images_sharding = batch_sharding(mesh)
+  if context.DATA_AXIS not in mesh.axis_names:
+    raise ValueError(f'The mesh needs an axis named {context.DATA_AXIS!r}, '
+                     f'got axes {mesh.axis_names}.')
+  images_sharding = context.batch_sharding(mesh)
+  replicated = context.replicated_sharding(mesh)
 
   def predict_classes(variables, images):
-    return predictions(model.apply(variables, images, train=False)[0])
+    return outputs.class_map(model.apply(variables, images, train=False)[0])
 
-  compiled = jax.jit(
-      predict_classes,
-      in_shardings=(replicated_sharding(mesh), images_sharding),
-      out_shardings=replicated_sharding(mesh))
+  compiled = jax.jit(predict_classes,
+                     in_shardings=(replicated, images_sharding),
+                     out_shardings=replicated)
 
   def predict(variables, images):
     if images.ndim != 4 or images.shape[0] % mesh.size:

@@ -42,13 +42,13 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from selfreg_jax.core import checkpoints
 from selfreg_jax.common import cli
+from selfreg_jax.common import runtime
+from selfreg_jax.core import checkpoints
+from selfreg_jax.core import context
 from selfreg_jax.core import models
 from selfreg_jax.interop import pretrained
-from selfreg_jax.common import runtime
 from selfreg_jax.interop import torch_io
-from selfreg_jax.core.models import create_model
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file whose `model` field describes the model.')
@@ -75,8 +75,12 @@ _UNET_TRACE_SIZE = 32
 
 
 def abstract_variables(model_config: ml_collections.ConfigDict) -> Any:
-  """Shapes and dtypes of the model's variables, without computing them."""
-  model = create_model(model_config)
+  """Shapes and dtypes of the model's variables, without computing them.
+
+  A conversion's config describes only the model (no data set, no training),
+  so it needs the model part of a run context alone.
+  """
+  model = models.create_model(model_config)
   return models.abstract_variables(
       model, getattr(model, 'image_size', _UNET_TRACE_SIZE))
 
@@ -118,7 +122,8 @@ def orbax_to_safetensors(workdir: str | pathlib.Path,
       raise FileNotFoundError(f'{workdir}: checkpoint {which!r} holds no '
                               'config: pass --config.')
   variables, step = checkpoints.restore_variables(
-      workdir, abstract_variables(config.model), which)
+      workdir, context.replicated_shapes(abstract_variables(config.model),
+                                         context.data_mesh()), which)
   if strict:
     state_dict = pretrained.public_torch_state_dict(variables, config.model,
                                                     batches_tracked=step)

@@ -40,9 +40,9 @@ from flax import traverse_util
 import ml_collections
 import numpy as np
 
-from selfreg_jax.interop import torch_io
 from selfreg_jax.core.models import create_model
 from selfreg_jax.core.models import swin_unet
+from selfreg_jax.interop import torch_io
 
 VariablePath = tuple[str, ...]
 StateDict = dict[str, np.ndarray]

@@ -43,8 +43,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from selfreg_jax.common import files
 from selfreg_jax.common import cli
+from selfreg_jax.common import files
 
 PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, np.ndarray]

@@ -40,7 +40,7 @@ The same figures and numbers go to TensorBoard (clu metric_writers) in
 
 import io
 import pathlib
-from typing import Any, Callable, Collection
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
@@ -51,20 +51,20 @@ import jax
 import jax.numpy as jnp
 import matplotlib
 from matplotlib import figure as mpl_figure
-import ml_collections
 from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
 from selfreg_jax.common import cli
-from selfreg_jax.core import configuration
-from selfreg_jax.evaluation import evaluate
 from selfreg_jax.common import files
-from selfreg_jax.evaluation import inference
-from selfreg_jax.core import input_pipeline
 from selfreg_jax.common import runtime
-from selfreg_jax.evaluation import visualize
+from selfreg_jax.core import context
+from selfreg_jax.core import input_pipeline
+from selfreg_jax.core import outputs
 from selfreg_jax.core.models import Features
+from selfreg_jax.evaluation import evaluate
+from selfreg_jax.evaluation import inference
+from selfreg_jax.evaluation import visualize
 
 ANALYSIS_DIR = 'analysis'
 # NaN (e.g. the similarity of a one-channel tap) -> null.
@@ -97,12 +97,7 @@ def class_score(logits: jax.Array, class_id: int) -> jax.Array:
   predicted as the class, the sum runs over the whole image. The region is a
   constant of the gradient.
   """
-  if logits.shape[-1] == 1:
-    logit = logits[..., 0]
-    region = logit > 0
-  else:
-    logit = logits[..., class_id]
-    region = jnp.argmax(logits, axis=-1) == class_id
+  logit, region = outputs.class_logit_and_region(logits, class_id)
   region = jnp.where(region.any(), region, True)
   return jnp.sum(logit * jax.lax.stop_gradient(region.astype(logit.dtype)))
 
@@ -302,41 +297,39 @@ def _png_array(png: bytes) -> np.ndarray:
 # Whole analysis of a case.
 
 
-def find_case(config: ml_collections.ConfigDict, split: str,
+def find_case(data: input_pipeline.DataSet, split: str,
               case_id: str) -> input_pipeline.Case:
   """The case `case_id` of a split; UserError listing the ids if absent."""
   seen = []
-  for case in input_pipeline.iterate_cases(config, split):
+  for case in input_pipeline.iterate_cases(data, split):
     if case.case_id == case_id:
       return case
     seen.append(case.case_id)
   raise cli.UserError(f'Case {case_id!r} is not in split {split!r} of '
-                      f'{config.dataset.data_dir or "the default data dir"}; '
-                      f'its cases: {seen}.')
+                      f'{data.directory}; its cases: {seen}.')
 
 
-def check_class(config: ml_collections.ConfigDict, class_id: int) -> None:
-  outputs = config.model.num_classes
-  valid = (1,) if outputs == 1 else tuple(range(outputs))
+def check_class(num_outputs: int, class_id: int) -> None:
+  valid = outputs.class_ids(num_outputs)
   if class_id not in valid:
     raise cli.UserError(f'--class={class_id}: the model of config.model '
-                        f'({outputs} outputs) has classes {valid}.')
+                        f'({num_outputs} outputs) has classes {valid}.')
 
 
-def analyze_case(config: ml_collections.ConfigDict,
-                 workdir: str | pathlib.Path, case_id: str, class_id: int,
-                 split: str = 'test', which: str = 'best',
-                 overridden: Collection[str] = ()) -> pathlib.Path:
+def analyze_case(ctx: context.RunContext, workdir: str | pathlib.Path,
+                 case_id: str, class_id: int, split: str = 'test',
+                 which: str = 'best') -> pathlib.Path:
   """Runs the analysis of the module docstring; returns its output folder.
 
-  The model is the checkpoints' own (`evaluate.restore_checkpoint`; a model
-  field in `overridden`, the command line's config keys, must equal it).
+  `ctx` is built with `workdir` (`context.create`), so its model is the
+  checkpoints' own.
   """
   workdir = pathlib.Path(workdir)
-  restored = evaluate.restore_checkpoint(config, workdir, which, overridden)
-  config, model, step = restored.config, restored.model, restored.step
-  check_class(config, class_id)
-  case = find_case(config, split, case_id)
+  config, model = ctx.config, ctx.model
+  check_class(ctx.num_outputs, class_id)
+  restored = evaluate.restore_checkpoint(ctx, workdir, which)
+  step = restored.step
+  case = find_case(ctx.data, split, case_id)
   index = pick_slice(case.label, class_id)
   image = case.image[index]  # (H, W, C) at the case's own size
   truth = case.label[index] == class_id
@@ -351,7 +344,7 @@ def analyze_case(config: ml_collections.ConfigDict,
               for name, tap in taps.items()}
   means = {name: mean_off_diagonal(m) for name, m in matrices.items()}
 
-  names = evaluate.class_names(config.dataset)
+  names = ctx.class_names
   class_name = names[class_id - 1] if class_id > 0 else 'background'
   where = f'{case_id} slice {index}' if config.dataset.volumetric else case_id
   title = f'{where}, class {class_id} ({class_name}), step {step}'
@@ -397,12 +390,12 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = FLAGS.config
-  configuration.validate(config, 'eval')
-  analyze_case(config, FLAGS.workdir, FLAGS.case, FLAGS['class'].value,
+  ctx = context.create(FLAGS.config, 'eval', workdir=FLAGS.workdir,
+                       overridden=cli.config_overrides())
+  config = ctx.config
+  analyze_case(ctx, FLAGS.workdir, FLAGS.case, FLAGS['class'].value,
                FLAGS.split or config.eval.split,
-               FLAGS.checkpoint or str(config.eval.checkpoint),
-               cli.config_overrides())
+               FLAGS.checkpoint or str(config.eval.checkpoint))
 
 
 if __name__ == '__main__':

@@ -39,17 +39,14 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from selfreg_jax import train
 from selfreg_jax.common import cli
-from selfreg_jax.core import configuration
 from selfreg_jax.common import distributed
 from selfreg_jax.common import files
-from selfreg_jax.evaluation import inference
-from selfreg_jax import train
-from selfreg_jax.core.models import create_model
+from selfreg_jax.core import context
 
 ALL_REDUCE = 'all-reduce'
 KINDS = (ALL_REDUCE, 'all-gather', 'reduce-scatter', 'all-to-all',
@@ -209,9 +206,9 @@ def describe(hlo_text: str, params: Any, batch_stats: Any) -> dict[str, Any]:
   }
 
 
-def compile_train_step(config: ml_collections.ConfigDict
+def compile_train_step(ctx: context.RunContext
                        ) -> tuple[Any, train.TrainState, float]:
-  """Compiles the training loop's step for `config` over all devices.
+  """Compiles the training loop's step of a run context over its mesh.
 
   Nothing is computed or allocated: the state and the batch are abstract.
   The learning-rate schedule (scalar arithmetic in the step) is built for
@@ -220,34 +217,32 @@ def compile_train_step(config: ml_collections.ConfigDict
   Returns:
     (compiled step, abstract state, seconds to trace, lower and compile).
   """
-  mesh = inference.data_mesh()
-  model = create_model(config.model, dtype=jnp.dtype(config.dtype))
+  config, model = ctx.config, ctx.model
   schedule = train.learning_rate_schedule(
       config, 1, max(config.num_train_steps, config.num_epochs))
   tx = train.create_optimizer(config, schedule)
   init_key, base_key = jax.random.split(jax.random.key(config.seed))
-  replicated = inference.replicated_sharding(mesh)
-  state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+  state = context.replicated_shapes(
       jax.eval_shape(functools.partial(train.initial_state, model, tx,
-                                       config), init_key))
+                                       config), init_key), ctx.mesh)
   size, channels = config.dataset.image_size, config.dataset.in_channels
-  shards = inference.batch_sharding(mesh)
+  shards = ctx.batch_sharding
   batch = {'image': jax.ShapeDtypeStruct(
                (config.batch_size, size, size, channels), jnp.float32,
                sharding=shards),
            'label': jax.ShapeDtypeStruct((config.batch_size, size, size),
                                          jnp.int32, sharding=shards)}
   step = train.jit_train_step(model, tx, schedule, dict(config.loss),
-                              base_key, mesh)
+                              base_key, ctx.mesh)
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   return compiled, state, time.perf_counter() - start
 
 
-def analyse(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`describe` of the config's compiled train step, with its layout."""
-  compiled, state, compile_s = compile_train_step(config)
+def analyse(ctx: context.RunContext) -> dict[str, Any]:
+  """`describe` of the context's compiled train step, with its layout."""
+  config = ctx.config
+  compiled, state, compile_s = compile_train_step(ctx)
   return {'model': config.model.name, 'image_size': config.dataset.image_size,
           'dtype': config.dtype, 'processes': jax.process_count(),
           'devices': jax.device_count(), 'global_batch': config.batch_size,
@@ -278,8 +273,7 @@ def main(argv: Sequence[str]) -> None:
   if config is None:
     raise app.UsageError('--config is required.')
   distributed.initialize()
-  configuration.validate(config, 'train')
-  record = analyse(config)
+  record = analyse(context.create(config, 'train', open_data=False))
   print(summary_line(record), flush=True)
   if flags.FLAGS.out and jax.process_index() == 0:
     files.write_json(flags.FLAGS.out, record)

@@ -46,10 +46,10 @@ from matplotlib import figure as mpl_figure
 import numpy as np
 from scipy import stats
 
-from selfreg_jax.core import checkpoints
 from selfreg_jax.common import cli
-from selfreg_jax.evaluation import evaluate
 from selfreg_jax.common import files
+from selfreg_jax.core import checkpoints
+from selfreg_jax.evaluation import evaluate
 
 REPORT_MD = 'report.md'
 REPORT_CSV = 'report.csv'

@@ -46,11 +46,13 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from data_prep import build
+from selfreg_jax import train
 from selfreg_jax.common import cli
-from selfreg_jax.core import configuration
-from selfreg_jax.evaluation import evaluate
 from selfreg_jax.common import files
 from selfreg_jax.common import runtime
+from selfreg_jax.core import configuration
+from selfreg_jax.evaluation import evaluate
 from selfreg_jax.tools import report
 
 SWEEP_FIELD = 'sweep'
@@ -180,7 +182,6 @@ def run_sweep(config: ml_collections.ConfigDict, root: str | pathlib.Path,
 
   Returns {point folder name: 'trained' or 'skipped'}.
   """
-  from selfreg_jax import train  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(root)
   points = grid_points(grid)
   configs = {point_name(p): point_config(config, p) for p in points}
@@ -189,6 +190,7 @@ def run_sweep(config: ml_collections.ConfigDict, root: str | pathlib.Path,
       configuration.validate(run_config)
     except configuration.ConfigError as e:
       raise configuration.ConfigError(f'sweep point {name}: {e}') from e
+  build.ensure_demo_dataset(config.dataset)
   status = {}
   for i, (name, run_config) in enumerate(configs.items()):
     workdir = root / name
