@@ -15,7 +15,7 @@ import numpy as np
 from benchmarks import model_setup
 from benchmarks import settings as settings_lib
 from benchmarks import timing
-from selfreg_jax.core import context
+from selfreg_jax.core import sharding
 from selfreg_jax.evaluation import inference
 
 SUITE = 'inference'
@@ -25,10 +25,10 @@ BATCH_SIZE = 8
 def measure_predict(name: str, dtype: str,
                     settings: settings_lib.Settings) -> dict[str, Any]:
   setup = model_setup.model_setup(name, dtype, settings.smoke)
-  mesh = context.data_mesh()
+  mesh = sharding.data_mesh()
   predict = inference.make_predict_fn(setup.model, mesh)
   variables = jax.device_put(setup.state.variables(),
-                             context.replicated_sharding(mesh))
+                             sharding.replicated_sharding(mesh))
   requested = settings_lib.SMOKE_BATCH if settings.smoke else BATCH_SIZE
   batch_size = inference.round_up_batch_size(requested, mesh)
   images = np.asarray(

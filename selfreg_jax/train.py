@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from selfreg_jax.common import cli
 from selfreg_jax.core import checkpoints
 from selfreg_jax.core import context
+from selfreg_jax.core import sharding
 from selfreg_jax.core import input_pipeline
 from selfreg_jax.core import losses
 from selfreg_jax.core import outputs
@@ -177,7 +178,7 @@ def jit_train_step(model, tx: optax.GradientTransformation,
     plus learning_rate, the rate this step applied; all stay on the devices
     until read.
   """
-  replicated = context.replicated_sharding(mesh)
+  replicated = sharding.replicated_sharding(mesh)
 
   def step_with_learning_rate(state, batch):
     new_state, metrics = train_step(state, batch, model=model, tx=tx,
@@ -186,7 +187,7 @@ def jit_train_step(model, tx: optax.GradientTransformation,
     return new_state, dict(metrics, learning_rate=schedule(state.step))
 
   return jax.jit(step_with_learning_rate,
-                 in_shardings=(replicated, context.batch_sharding(mesh)),
+                 in_shardings=(replicated, sharding.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -506,7 +507,7 @@ def _start(ctx: context.RunContext, tx: optax.GradientTransformation,
   init_fn = jax.jit(functools.partial(initial_state, ctx.model, tx, config),
                     out_shardings=ctx.replicated)
   if manager.all_steps():
-    abstract = context.replicated_shapes(jax.eval_shape(init_fn, init_key),
+    abstract = sharding.replicated_shapes(jax.eval_shape(init_fn, init_key),
                                          ctx.mesh)
     found = _restore(manager, abstract, batches)
     if found is not None:

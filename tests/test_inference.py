@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from selfreg_jax.core import context
+from selfreg_jax.core import sharding
 from selfreg_jax.core.models import create_model
 from selfreg_jax.evaluation import inference
 import tiny_configs
@@ -25,7 +25,7 @@ DOMINANT_BIAS = 1e3
 
 
 def make_mesh(num_devices: int = 1) -> jax.sharding.Mesh:
-  return jax.make_mesh((num_devices,), (context.DATA_AXIS,),
+  return jax.make_mesh((num_devices,), (sharding.DATA_AXIS,),
                        axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:num_devices])
 
@@ -207,7 +207,7 @@ def test_bad_inputs_raise_clear_errors(unet):
 _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     import jax
     import numpy as np
-    from selfreg_jax.core import context
+    from selfreg_jax.core import sharding
     from selfreg_jax.core.models import create_model
     from selfreg_jax.evaluation import inference
     import test_inference as t
@@ -220,7 +220,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     for devices in (1, {devices}):
       predict_fn = inference.make_predict_fn(model, t.make_mesh(devices))
       results.append(inference.predict_volume(
-          predict_fn, jax.device_put(variables, context.replicated_sharding(
+          predict_fn, jax.device_put(variables, sharding.replicated_sharding(
               t.make_mesh(devices))),
           images, t.IMAGE_SIZE, t.BATCH_SIZE))
     np.testing.assert_array_equal(results[0], results[1])

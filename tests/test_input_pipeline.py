@@ -12,8 +12,8 @@ from scipy import ndimage
 
 from data_prep import build
 from data_prep import demo
-from selfreg_jax.core import context
 from selfreg_jax.core import input_pipeline
+from selfreg_jax.core import sharding
 
 # Tiny demo set with square slices of SLICE_SIZE px (so an image_size of
 # SLICE_SIZE leaves slices untouched) and cases of varying depth.
@@ -172,7 +172,7 @@ def test_worker_processes_give_the_same_stream_and_resume(data_dir):
 
 
 def _batch_sharding():
-  return context.batch_sharding(context.data_mesh())
+  return sharding.batch_sharding(sharding.data_mesh())
 
 
 def test_prefetch_to_device_gives_the_batches_as_sharded_arrays(data_dir):

@@ -41,6 +41,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from selfreg_jax.common import cli
+from selfreg_jax.core import sharding
 
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'corrupt'
@@ -592,15 +593,20 @@ def restore_variables(workdir: str | pathlib.Path, abstract_variables: Any,
   """Restores the model variables of a checkpoint: (variables, step).
 
   `which` is a choice of `select_step`. The variables are restored with the
-  shardings of `abstract_variables` (e.g. `RunContext.abstract_variables`:
-  replicated over the current devices, whatever devices the checkpoint was
-  saved from).
+  shardings of `abstract_variables` (e.g. `RunContext.abstract_variables`);
+  leaves without one are restored replicated over the data mesh of all
+  current devices, whatever devices the checkpoint was saved from.
 
   Raises:
     CheckpointError: the selected step does not restore intact; it is
       named, with the reason and the other steps, and nothing else is
       restored in its place.
   """
+  replicated = sharding.replicated_sharding(sharding.data_mesh())
+  abstract_variables = jax.tree.map(
+      lambda x: x if getattr(x, 'sharding', None) is not None else
+      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      abstract_variables)
   with create_manager(workdir, read_only=True) as manager:
     step = select_step(manager, which, steps_per_epoch)
     try:

@@ -7,10 +7,7 @@ volumetric). `create` validates the config, takes the model saved with a
 run's checkpoints, and builds them once; the functions below the entry points
 receive the context instead of re-deriving them from the config.
 
-Sharding: one mesh axis, 'data', over every device of every process, with
-Auto axis types (the Swin window reshapes need Auto's sharding propagation;
-Explicit axes, jax.make_mesh's default, reject them). Batches are split along
-axis 0 over it; variables and optimizer state are replicated.
+The mesh and its shardings are `sharding.py`'s.
 """
 
 import dataclasses
@@ -27,33 +24,7 @@ from selfreg_jax.core import configuration
 from selfreg_jax.core import input_pipeline
 from selfreg_jax.core import models
 from selfreg_jax.core import outputs
-
-DATA_AXIS = 'data'
-
-
-def data_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over all devices (of all processes) with the axis 'data'."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def replicated_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-  """Sharding that puts a full copy of an array on every device of `mesh`."""
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-  """Sharding that splits axis 0 of an array over the 'data' axis of `mesh`."""
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
-
-
-def replicated_shapes(shapes: Any, mesh: jax.sharding.Mesh) -> Any:
-  """`shapes` (a pytree of shapes and dtypes) replicated on `mesh`."""
-  replicated = replicated_sharding(mesh)
-  return jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-      shapes)
-
+from selfreg_jax.core import sharding
 
 @dataclasses.dataclass(frozen=True)
 class RunContext:
@@ -79,11 +50,11 @@ class RunContext:
 
   @property
   def replicated(self) -> jax.sharding.NamedSharding:
-    return replicated_sharding(self.mesh)
+    return sharding.replicated_sharding(self.mesh)
 
   @property
   def batch_sharding(self) -> jax.sharding.NamedSharding:
-    return batch_sharding(self.mesh)
+    return sharding.batch_sharding(self.mesh)
 
   @property
   def num_outputs(self) -> int:
@@ -129,10 +100,10 @@ def create(config: ml_collections.ConfigDict, mode: str = 'train_and_eval',
     saved = checkpoints.stored_config(workdir)
     config = checkpoints.with_stored_model(config, saved, workdir, overridden)
   configuration.validate(config, mode)
-  mesh = data_mesh()
+  mesh = sharding.data_mesh()
   model = models.create_model(config.model, dtype=jnp.dtype(config.dtype))
   shapes = models.abstract_variables(model, config.dataset.image_size)
   data = input_pipeline.DataSet.open(config.dataset) if open_data else None
   return RunContext(config=config, mesh=mesh, model=model,
-                    abstract_variables=replicated_shapes(shapes, mesh),
+                    abstract_variables=sharding.replicated_shapes(shapes, mesh),
                     data=data, saved_config=saved)

@@ -8,7 +8,7 @@ neighbour (order 0) for volumes, or kept at `image_size` for the 2D data sets
 (GlaS / MoNuSeg, whose labels are resized to `image_size` instead).
 
 Batches are split over the devices of a mesh with one axis named 'data'
-(`context.data_mesh`); variables are replicated. The last batch of a case is
+(`sharding.data_mesh`); variables are replicated. The last batch of a case is
 padded up to the fixed batch size (so the function compiles once), and the
 padding is dropped.
 """
@@ -21,8 +21,8 @@ import jax
 import numpy as np
 from scipy import ndimage
 
-from selfreg_jax.core import context
 from selfreg_jax.core import outputs
+from selfreg_jax.core import sharding
 
 
 def round_up_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
@@ -52,11 +52,11 @@ def make_predict_fn(model: nn.Module, mesh: jax.sharding.Mesh):
     along N. A NumPy `images` is the global batch: every process must pass
     the same one.
   """
-  if context.DATA_AXIS not in mesh.axis_names:
-    raise ValueError(f'The mesh needs an axis named {context.DATA_AXIS!r}, '
+  if sharding.DATA_AXIS not in mesh.axis_names:
+    raise ValueError(f'The mesh needs an axis named {sharding.DATA_AXIS!r}, '
                      f'got axes {mesh.axis_names}.')
-  images_sharding = context.batch_sharding(mesh)
-  replicated = context.replicated_sharding(mesh)
+  images_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated_sharding(mesh)
 
   def predict_classes(variables, images):
     return outputs.class_map(model.apply(variables, images, train=False)[0])

@@ -45,7 +45,6 @@ from ml_collections import config_flags
 from selfreg_jax.common import cli
 from selfreg_jax.common import runtime
 from selfreg_jax.core import checkpoints
-from selfreg_jax.core import context
 from selfreg_jax.core import models
 from selfreg_jax.interop import pretrained
 from selfreg_jax.interop import torch_io
@@ -122,8 +121,7 @@ def orbax_to_safetensors(workdir: str | pathlib.Path,
       raise FileNotFoundError(f'{workdir}: checkpoint {which!r} holds no '
                               'config: pass --config.')
   variables, step = checkpoints.restore_variables(
-      workdir, context.replicated_shapes(abstract_variables(config.model),
-                                         context.data_mesh()), which)
+      workdir, abstract_variables(config.model), which)
   if strict:
     state_dict = pretrained.public_torch_state_dict(variables, config.model,
                                                     batches_tracked=step)

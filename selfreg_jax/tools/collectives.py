@@ -47,6 +47,7 @@ from selfreg_jax.common import cli
 from selfreg_jax.common import distributed
 from selfreg_jax.common import files
 from selfreg_jax.core import context
+from selfreg_jax.core import sharding
 
 ALL_REDUCE = 'all-reduce'
 KINDS = (ALL_REDUCE, 'all-gather', 'reduce-scatter', 'all-to-all',
@@ -222,7 +223,7 @@ def compile_train_step(ctx: context.RunContext
       config, 1, max(config.num_train_steps, config.num_epochs))
   tx = train.create_optimizer(config, schedule)
   init_key, base_key = jax.random.split(jax.random.key(config.seed))
-  state = context.replicated_shapes(
+  state = sharding.replicated_shapes(
       jax.eval_shape(functools.partial(train.initial_state, model, tx,
                                        config), init_key), ctx.mesh)
   size, channels = config.dataset.image_size, config.dataset.in_channels
