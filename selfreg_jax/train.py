@@ -632,14 +632,8 @@ def _fetch_checked(step: int, metrics) -> dict[str, float]:
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  flat = {}
-
-  def visit(prefix, node):
-    for key, value in node.items():
-      if isinstance(value, ml_collections.ConfigDict):
-        visit(f'{prefix}{key}.', value)
-      else:
-        flat[f'{prefix}{key}'] = value if isinstance(
-            value, (int, float, str, bool)) else str(value)
-  visit('', config)
-  return flat
+  """The config by dotted key, for TensorBoard's hparams: values other than
+  int, float, str and bool (e.g. tuples, None) become their str."""
+  return {key: value if isinstance(value, (int, float, str, bool))
+          else str(value)
+          for key, value in configuration.flatten(config).items()}

@@ -3,6 +3,7 @@
 import importlib
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -169,3 +170,15 @@ def test_bad_config_values_fail_with_the_key_named(change, message):
     config.dataset.image_size = 40
   with pytest.raises(configuration.ConfigError, match=message):
     _validate(config)
+
+
+def test_flatten_names_every_leaf_of_configs_and_dicts_by_dotted_key():
+  config = ml_collections.ConfigDict({
+      'seed': 0, 'model': {'depths': (2, 2), 'head': {'bias': None}},
+      'empty': {}})
+  config.sweep = {'loss': {'scr_weight': [0.0, 0.01]}}
+  assert configuration.flatten(config) == {
+      'seed': 0, 'model.depths': (2, 2), 'model.head.bias': None,
+      'sweep.loss.scr_weight': [0.0, 0.01]}
+  assert configuration.flatten({'a': {'b': {'c': 1}}, 'd': [2]}) == {
+      'a.b.c': 1, 'd': [2]}
