@@ -105,14 +105,12 @@ def latest_summary_file(workdir: pathlib.Path,
 
 
 def load_config(workdir: pathlib.Path) -> dict[str, Any]:
-  """The config saved with the run's latest checkpoint, by dotted key; lists
-  become tuples (comparable)."""
+  """The config saved with the run's latest checkpoint, by dotted key."""
   config = checkpoints.stored_config(workdir)
   if config is None:
     raise FileNotFoundError(f'{workdir}: the latest checkpoint holds no '
                             'config.')
-  return {key: tuple(value) if isinstance(value, list) else value
-          for key, value in configuration.flatten(config).items()}
+  return configuration.flatten(config)
 
 
 def load_run(workdir: pathlib.Path, split: str | None = None) -> Run:
