@@ -16,6 +16,7 @@ import ml_collections
 
 from selfreg_jax import checkpoints
 from selfreg_jax import cli
+from selfreg_jax import metrics
 from selfreg_jax.models import MODELS
 from selfreg_jax.models import unet
 from selfreg_jax.models.swin_unet import stage_windows
@@ -29,7 +30,7 @@ CHOICES = {
     'optimizer.name': ('sgd', 'adamw', 'adam'),
     'optimizer.schedule': ('poly', 'constant', 'cosine_restarts'),
     'dtype': ('float32', 'bfloat16'),
-    'eval.metric_mode': ('paper', 'standard'),
+    'eval.metric_mode': metrics.MODES,
     'protocol': PROTOCOLS,
 }
 # (requirement, test, keys) for numeric keys; every float must also be finite.

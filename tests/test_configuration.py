@@ -160,6 +160,10 @@ def test_pretrained_init_needs_the_swin_unet_and_an_existing_file(tmp_path):
     (lambda c: c.model.update(image_size=40), 'config.model.image_size'),
     (lambda c: c.optimizer.update(name='lamb'), 'config.optimizer.name'),
     (lambda c: c.model.update(num_classes=3), 'config.model.num_classes'),
+    (lambda c: c.model.update(in_channels=3),
+     'config.model.in_channels=3 differs from config.dataset.in_channels=1'),
+    (lambda c: c.eval.update(metric_mode='medpy'),
+     "config.eval.metric_mode='medpy': choose one of"),
     (lambda c: c.init.update(load_final_norm=None),
      'config.init.load_final_norm=None must be True or False'),
 ])
