@@ -36,11 +36,12 @@ import orbax.checkpoint as ocp
 
 from selfreg_jax.common import cli
 from selfreg_jax.core import checkpoints
+from selfreg_jax.core import configuration
 from selfreg_jax.core import context
-from selfreg_jax.core import sharding
 from selfreg_jax.core import input_pipeline
 from selfreg_jax.core import losses
 from selfreg_jax.core import outputs
+from selfreg_jax.core import sharding
 from selfreg_jax.evaluation import evaluate
 from selfreg_jax.evaluation import visualize
 from selfreg_jax.interop import pretrained
@@ -636,14 +637,8 @@ def _fetch_checked(step: int, metrics) -> dict[str, float]:
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  flat = {}
-
-  def visit(prefix, node):
-    for key, value in node.items():
-      if isinstance(value, ml_collections.ConfigDict):
-        visit(f'{prefix}{key}.', value)
-      else:
-        flat[f'{prefix}{key}'] = value if isinstance(
-            value, (int, float, str, bool)) else str(value)
-  visit('', config)
-  return flat
+  """The config by dotted key, for TensorBoard's hparams: values other than
+  int, float, str and bool (e.g. tuples, None) become their str."""
+  return {key: value if isinstance(value, (int, float, str, bool))
+          else str(value)
+          for key, value in configuration.flatten(config).items()}

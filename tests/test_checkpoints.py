@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import tiny_train_config
 from selfreg_jax.core import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -317,3 +318,13 @@ def test_only_orbax_abandoned_writes_are_kept_out_of_the_log(message,
                              None, None)
   # pylint: disable-next=protected-access
   assert checkpoints._is_abandoned_task_report(record) == abandoned
+
+
+def test_the_stored_config_equals_the_saved_one_tuples_included(tmp_path):
+  """JSON stores tuples as lists; the config read back holds tuples again,
+  as the saved one did (comparable with a config file's, hashable)."""
+  config = tiny_train_config.get_config('swin_unet')
+  config.eval.overlay_cases = (('case0001', 3), 'case0002')
+  checkpoints.write_variables(tmp_path, {'params': {'w': np.zeros(2)}},
+                              config, step=5)
+  assert checkpoints.stored_config(tmp_path).to_dict() == config.to_dict()

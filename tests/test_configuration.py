@@ -3,6 +3,7 @@
 import importlib
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -159,6 +160,10 @@ def test_pretrained_init_needs_the_swin_unet_and_an_existing_file(tmp_path):
     (lambda c: c.model.update(image_size=40), 'config.model.image_size'),
     (lambda c: c.optimizer.update(name='lamb'), 'config.optimizer.name'),
     (lambda c: c.model.update(num_classes=3), 'config.model.num_classes'),
+    (lambda c: c.model.update(in_channels=3),
+     'config.model.in_channels=3 differs from config.dataset.in_channels=1'),
+    (lambda c: c.eval.update(metric_mode='medpy'),
+     "config.eval.metric_mode='medpy': choose one of"),
     (lambda c: c.init.update(load_final_norm=None),
      'config.init.load_final_norm=None must be True or False'),
 ])
@@ -169,3 +174,15 @@ def test_bad_config_values_fail_with_the_key_named(change, message):
     config.dataset.image_size = 40
   with pytest.raises(configuration.ConfigError, match=message):
     _validate(config)
+
+
+def test_flatten_names_every_leaf_of_configs_and_dicts_by_dotted_key():
+  config = ml_collections.ConfigDict({
+      'seed': 0, 'model': {'depths': (2, 2), 'head': {'bias': None}},
+      'empty': {}})
+  config.sweep = {'loss': {'scr_weight': [0.0, 0.01]}}
+  assert configuration.flatten(config) == {
+      'seed': 0, 'model.depths': (2, 2), 'model.head.bias': None,
+      'sweep.loss.scr_weight': [0.0, 0.01]}
+  assert configuration.flatten({'a': {'b': {'c': 1}}, 'd': [2]}) == {
+      'a.b.c': 1, 'd': [2]}

@@ -512,7 +512,8 @@ def select_step(manager: ocp.CheckpointManager, which: str,
 def stored_config(workdir: str | pathlib.Path,
                   which: str = 'latest') -> ml_collections.ConfigDict | None:
   """The config saved with a checkpoint of a run ('latest', 'best' or a step
-  number); None when that step holds none (e.g. saved by an old version).
+  number), JSON's lists back to tuples as configs hold them; None when that
+  step holds none (e.g. saved by an old version).
 
   Raises:
     FileNotFoundError: the run has no checkpoint.
@@ -523,11 +524,14 @@ def stored_config(workdir: str | pathlib.Path,
     restored = restore_step(manager, step, {}, optional=('config',))
   if 'config' not in restored:
     return None
-  return ml_collections.ConfigDict(restored['config'])
+  return ml_collections.ConfigDict(_as_config_value(restored['config']))
 
 
 def _as_config_value(value: Any) -> Any:
-  """JSON's lists back to the tuples configs hold (comparable, hashable)."""
+  """JSON's lists back to the tuples configs hold (comparable, hashable),
+  inside nested dicts too."""
+  if isinstance(value, dict):
+    return {key: _as_config_value(inner) for key, inner in value.items()}
   if isinstance(value, list):
     return tuple(map(_as_config_value, value))
   return value
@@ -561,10 +565,8 @@ def with_stored_model(config: ml_collections.ConfigDict,
     logging.warning('%s: the latest checkpoint holds no config; using '
                     'config.model as given.', workdir)
     return config
-  saved = {key: _as_config_value(value)
-           for key, value in stored.model.to_dict().items()}
-  given = {key: _as_config_value(value)
-           for key, value in config.model.to_dict().items()}
+  saved = stored.model.to_dict()
+  given = _as_config_value(config.model.to_dict())
   for key in sorted(set(saved) | set(given)):
     if f'model.{key}' in overridden and given.get(key) != saved.get(key):
       raise cli.UserError(

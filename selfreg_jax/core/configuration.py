@@ -2,12 +2,14 @@
 
 Unknown keys are already refused while the flags are parsed (configs are
 locked and `--config.x=y` must name an existing field; see cli.py); this
-module checks values and their consistency, naming the offending key.
+module checks values and their consistency, naming the offending key. It
+also holds `flatten`, the {dotted key: value} view of a config that the
+checks, sweeps, reports and TensorBoard hparams share.
 """
 
 import math
 import pathlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -28,6 +30,7 @@ CHOICES = {
     'optimizer.name': ('sgd', 'adamw', 'adam'),
     'optimizer.schedule': ('poly', 'constant', 'cosine_restarts'),
     'dtype': ('float32', 'bfloat16'),
+    # The modes of evaluation.metrics.MODES (core does not import evaluation).
     'eval.metric_mode': ('paper', 'standard'),
     'protocol': PROTOCOLS,
 }
@@ -65,14 +68,23 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
   return node
 
 
-def _float_fields(node: ml_collections.ConfigDict,
-                  prefix: str = '') -> Iterator[tuple[str, float]]:
-  """(dotted key, value) of every float field, nested sections included."""
-  for key, value in node.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      yield from _float_fields(value, f'{prefix}{key}.')
-    elif isinstance(value, float):
-      yield f'{prefix}{key}', value
+def flatten(tree: ml_collections.ConfigDict | dict[str, Any]
+            ) -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}: every leaf of a config or nested dict by
+  its dotted key.
+
+  Sections (ConfigDicts or dicts) are walked, in their order; any other value
+  is a leaf, kept as it is (a list stays a list). An empty section gives no
+  key.
+  """
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      flat.update({f'{key}.{inner}': leaf
+                   for inner, leaf in flatten(value).items()})
+    else:
+      flat[f'{key}'] = value
+  return flat
 
 
 def validate(config: ml_collections.ConfigDict, mode: str = 'train_and_eval',
@@ -81,8 +93,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = 'train_and_eval',
   """Raises ConfigError naming the first invalid key."""
   if mode not in MODES:
     raise ConfigError(f'--mode={mode!r}: choose one of {MODES}.')
-  for key, value in _float_fields(config):
-    if not math.isfinite(value):
+  for key, value in flatten(config).items():
+    if isinstance(value, float) and not math.isfinite(value):
       raise ConfigError(f'config.{key}={value!r} must be a finite number.')
   for key, choices in CHOICES.items():
     if _get(config, key) not in choices:

@@ -49,6 +49,7 @@ from scipy import stats
 from selfreg_jax.common import cli
 from selfreg_jax.common import files
 from selfreg_jax.core import checkpoints
+from selfreg_jax.core import configuration
 from selfreg_jax.evaluation import evaluate
 
 REPORT_MD = 'report.md'
@@ -103,25 +104,13 @@ def latest_summary_file(workdir: pathlib.Path,
   return max(candidates)[2]
 
 
-def flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  """{'a': {'b': 1}} -> {'a.b': 1}; lists become tuples (comparable)."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f'{prefix}{key}.'))
-    else:
-      is_list = isinstance(value, list)
-      flat[f'{prefix}{key}'] = tuple(value) if is_list else value
-  return flat
-
-
 def load_config(workdir: pathlib.Path) -> dict[str, Any]:
-  """The flattened config saved with the run's latest checkpoint."""
+  """The config saved with the run's latest checkpoint, by dotted key."""
   config = checkpoints.stored_config(workdir)
   if config is None:
     raise FileNotFoundError(f'{workdir}: the latest checkpoint holds no '
                             'config.')
-  return flatten(config.to_dict())
+  return configuration.flatten(config)
 
 
 def load_run(workdir: pathlib.Path, split: str | None = None) -> Run:

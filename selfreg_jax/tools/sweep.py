@@ -81,16 +81,11 @@ def parse_grid_flags(specs: Sequence[str]) -> Grid:
   return grid
 
 
-def _flat_grid(node, prefix: str = '') -> Grid:
-  """Nested sections of value lists -> {dotted key: list of values}."""
-  grid = {}
-  for key, values in node.items():
-    if isinstance(values, (dict, ml_collections.ConfigDict)):
-      grid.update(_flat_grid(values, f'{prefix}{key}.'))
-    else:
-      is_list = isinstance(values, (list, tuple))
-      grid[f'{prefix}{key}'] = list(values) if is_list else [values]
-  return grid
+def _flat_grid(sweep: ml_collections.ConfigDict) -> Grid:
+  """Nested sections of value lists -> {dotted key: list of values}; a single
+  value is a list of one."""
+  return {key: list(values) if isinstance(values, (list, tuple)) else [values]
+          for key, values in configuration.flatten(sweep).items()}
 
 
 def config_grid(config: ml_collections.ConfigDict,
@@ -244,18 +239,10 @@ def main(argv):
   if FLAGS['print-commands'].value:
     for point in grid_points(grid):
       point_config(config, point)  # Refuses unknown keys.
-    overrides = config_flags.get_override_values(FLAGS['config'])
-    flat = {}
-
-    def flatten(prefix, node):
-      for key, value in node.items():
-        if isinstance(value, dict):
-          flatten(f'{prefix}{key}.', value)
-        else:
-          flat[f'{prefix}{key}'] = value
-    flatten('', overrides)
+    overrides = configuration.flatten(
+        config_flags.get_override_values(FLAGS['config']))
     print('\n'.join(point_commands(
-        config_flags.get_config_filename(FLAGS['config']), flat,
+        config_flags.get_config_filename(FLAGS['config']), overrides,
         FLAGS.workdir, grid)))
     return
   status = run_sweep(config, FLAGS.workdir, grid)
