@@ -1,5 +1,6 @@
 """The platform gradient tricks must compute what the plain JAX calls do:
-values and gradients of the conv against lax.conv_general_dilated."""
+values and gradients of the conv against lax.conv_general_dilated, of
+take_channels against NumPy indexing."""
 
 import functools
 
@@ -66,6 +67,23 @@ def test_default_branch_gradients_equal_the_cpu_branch(kernel, stride, padding,
                          fast_gradients._xla_gradients)]
   for cpu, default in zip(*branches, strict=True):
     np.testing.assert_allclose(cpu, default, rtol=1e-4, atol=1e-4)
+
+
+def test_take_channels_matches_numpy_value_and_gradient():
+  """Distinct indices that leave channels out: the value is x[..., index];
+  the gradient puts the output gradient back on the drawn channels and zero
+  on the others."""
+  x = np.asarray(jax.random.normal(jax.random.key(3), (tc.BATCH, 4, 4, 6)))
+  index = np.array([4, 0, 2])
+  weights = np.asarray(jax.random.normal(jax.random.key(4),
+                                         (tc.BATCH, 4, 4, len(index))))
+  value, grad = jax.jit(jax.value_and_grad(lambda x: jnp.sum(
+      weights * fast_gradients.take_channels(x, jnp.asarray(index)))))(x)
+  expected_grad = np.zeros_like(x)
+  expected_grad[..., index] = weights
+  np.testing.assert_allclose(value, np.sum(weights * x[..., index]),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(grad, expected_grad)
 
 
 def test_cpu_kernel_gradient_avoids_the_window_convolution():

@@ -1,4 +1,4 @@
-"""Faster gradients for the models: every platform trick, named.
+"""Faster gradients for the models and losses: every platform trick, named.
 
 Each function here computes what the plain JAX call it stands in for computes;
 only the program XLA runs differs. The tricks, the platforms they apply to and
@@ -19,6 +19,18 @@ their measurements (items of benchmarks/NOTES.md):
   embedding and output convolution and the UNet's `outc` (item 6); it is the
   same product on any backend, and the H200 figures of NOTES ("One NVIDIA
   H200") were measured with it.
+- A channel gather whose gradient is the gather of the output gradient by the
+  inverse index, not a scatter-add (`take_channels`). All platforms:
+  scatter-add is slow on XLA:CPU (item 8: with the pooled teacher pyramid it
+  took the SelfReg loss alone from 344 to 191 ms for the UNet and from 160 to
+  93 ms for the Swin-UNet), and on an H200 the plain `jnp.take` gradient
+  raised SelfReg's cost from +9.6% / +16.0% of the step to +25.5% / +31.9%
+  (fp32 / bf16, item 18).
+- The gathered channels materialised by an `optimization_barrier`
+  (`take_channels`), so XLA does not fuse the gather into the reductions over
+  it. XLA:CPU only, selected by `lax.platform_dependent`: it is part of item
+  8's change, where those fusions were slow; on an H200 it made no difference
+  beyond noise (item 18: +10.7% / +14.3% with it, +9.6% / +16.0% without).
 """
 
 import functools
@@ -125,3 +137,37 @@ def _stride1_conv_bwd(padding, precision, residuals, grad_out):
 
 _stride1_conv.defvjp(_stride1_conv_fwd, _stride1_conv_bwd)
 
+
+def _materialised_on_cpu(x: jax.Array) -> jax.Array:
+  """x; on XLA:CPU behind an `optimization_barrier`, so that it is computed
+  into its own buffer rather than fused into its consumers."""
+  return lax.platform_dependent(x, cpu=lax.optimization_barrier,
+                                default=lambda x: x)
+
+
+@jax.custom_vjp
+def take_channels(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x[..., index] for distinct indices, with a gather as its gradient.
+
+  x (..., C), index (k,) distinct ints in [0, C) -> (..., k). The gradient
+  is the output gradient gathered by the inverse index (zero for channels not
+  drawn), which equals the scatter-add `jnp.take` would use because the
+  indices are distinct.
+  """
+  return _materialised_on_cpu(jnp.take(x, index, axis=-1))
+
+
+def _take_channels_fwd(x, index):
+  return take_channels(x, index), (index, x.shape[-1])
+
+
+def _take_channels_bwd(residuals, grad):
+  index, channels = residuals
+  drawn = index.shape[0]
+  inverse = jnp.full((channels,), drawn, index.dtype).at[index].set(
+      jnp.arange(drawn, dtype=index.dtype))
+  padded = jnp.concatenate([grad, jnp.zeros_like(grad[..., :1])], axis=-1)
+  return _materialised_on_cpu(jnp.take(padded, inverse, axis=-1)), None
+
+
+take_channels.defvjp(_take_channels_fwd, _take_channels_bwd)
