@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfreg_jax.core import outputs
+from selfreg_jax.core.models.fast_gradients import take_channels
 from selfreg_jax.core.models.features import Features
 
 DICE_SMOOTH = 1e-5
@@ -99,36 +100,6 @@ def adaptive_avg_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 def _mse(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
-
-
-@jax.custom_vjp
-def take_channels(x: jax.Array, index: jax.Array) -> jax.Array:
-  """x[..., index] for distinct indices, with a gather as its gradient.
-
-  The gradient of a gather is a scatter-add, which XLA:CPU runs an order of
-  magnitude slower than a gather; with distinct indices the scatter is a
-  gather of the output gradient by the inverse index (zero for channels not
-  drawn). The result is materialised (not fused into its consumer), which
-  keeps XLA:CPU's reductions over it fast.
-  """
-  return jax.lax.optimization_barrier(jnp.take(x, index, axis=-1))
-
-
-def _take_channels_fwd(x, index):
-  return take_channels(x, index), (index, x.shape[-1])
-
-
-def _take_channels_bwd(residuals, grad):
-  index, channels = residuals
-  drawn = index.shape[0]
-  inverse = jnp.full((channels,), drawn, index.dtype).at[index].set(
-      jnp.arange(drawn, dtype=index.dtype))
-  padded = jnp.concatenate([grad, jnp.zeros_like(grad[..., :1])], axis=-1)
-  grad_x = jax.lax.optimization_barrier(jnp.take(padded, inverse, axis=-1))
-  return grad_x, None
-
-
-take_channels.defvjp(_take_channels_fwd, _take_channels_bwd)
 
 
 def ifd_loss(feature: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfreg_jax.core.models import conv
+from selfreg_jax.core.models.fast_gradients import Conv
 from selfreg_jax.core.models.features import Features
 from selfreg_jax.core.models.unet import torch_conv_init
 
@@ -335,11 +335,10 @@ class SwinUNet(nn.Module):
     starts = np.cumsum((0,) + tuple(self.depths)).tolist()
     stage_rates = [rates[starts[i]:starts[i + 1]] for i in range(num_stages)]
 
-    x = nn.Conv(self.embed_dim, (self.patch_size,) * 2,
-                strides=(self.patch_size,) * 2, padding=0,
-                dtype=self.dtype, kernel_init=torch_conv_init,
-                conv_general_dilated=conv.conv_general_dilated,
-                name='patch_embed_proj')(x.astype(self.dtype))
+    x = Conv(self.embed_dim, (self.patch_size,) * 2,
+             strides=(self.patch_size,) * 2, padding=0, dtype=self.dtype,
+             kernel_init=torch_conv_init,
+             name='patch_embed_proj')(x.astype(self.dtype))
     x = layer_norm(self.dtype, 'patch_embed_norm')(x)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
 
@@ -371,10 +370,8 @@ class SwinUNet(nn.Module):
     x = layer_norm(self.dtype, 'norm_up')(x)
     final = PatchExpand(self.patch_size, self.embed_dim, self.dtype,
                         name='up')(x)
-    logits = nn.Conv(self.num_classes, (1, 1), use_bias=False,
-                     dtype=self.dtype, kernel_init=torch_conv_init,
-                     conv_general_dilated=conv.conv_general_dilated,
-                     name='output')(final)
+    logits = Conv(self.num_classes, (1, 1), use_bias=False, dtype=self.dtype,
+                  kernel_init=torch_conv_init, name='output')(final)
     features = Features(encoder=tuple(encoder), decoder=tuple(decoder),
                         final=final, encoder_first=tuple(encoder_first),
                         decoder_first=tuple(decoder_first))

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfreg_jax.core.models import conv
 from selfreg_jax.core.models.batch_norm import BatchNorm
+from selfreg_jax.core.models.fast_gradients import Conv
 from selfreg_jax.core.models.features import Features
 
 # The down stages' 2x2 max-pools (rounding down) must leave the bottleneck at
@@ -61,9 +61,8 @@ class DoubleConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for width in (self.mid_features or self.features, self.features):
-      x = nn.Conv(width, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
-                  kernel_init=torch_conv_init,
-                  conv_general_dilated=conv.conv_general_dilated)(x)
+      x = Conv(width, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
+               kernel_init=torch_conv_init)(x)
       x = BatchNorm(dtype=self.dtype)(x, train)
       x = nn.relu(x)
     return x
@@ -136,10 +135,8 @@ class UNet(nn.Module):
     for i, width in enumerate((w[3] // 2, w[2] // 2, w[1] // 2, w[0])):
       x = Up(width, dtype=self.dtype, name=f'up{i + 1}')(x, skips.pop(), train)
       decoder.append(x)
-    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
-                     kernel_init=torch_conv_init,
-                     conv_general_dilated=conv.conv_general_dilated,
-                     name='outc')(x)
+    logits = Conv(self.num_classes, (1, 1), dtype=self.dtype,
+                  kernel_init=torch_conv_init, name='outc')(x)
     features = Features(encoder=encoder, decoder=tuple(decoder[:3]),
                         final=decoder[3])
     return logits, features

@@ -1,4 +1,8 @@
-"""The fast-gradient conv must equal lax.conv_general_dilated, value and grad."""
+"""The platform gradient tricks must compute what the plain JAX calls do:
+values and gradients of the conv against lax.conv_general_dilated, of
+take_channels against NumPy indexing."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -7,7 +11,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from selfreg_jax.core.models import conv
+import tiny_configs as tc
+from selfreg_jax.core.models import fast_gradients
 
 # (kernel, stride, padding, in channels, out channels, image size): the
 # UNet's 3x3 "same" conv (even and odd sizes), 1x1 convs, the Swin patch
@@ -18,6 +23,8 @@ CASES = [(3, 1, ((1, 1), (1, 1)), 5, 7, 12),
          (4, 4, ((0, 0), (0, 0)), 3, 8, 16),
          (3, 2, ((1, 1), (1, 1)), 4, 6, 10),
          (3, 1, ((0, 2), (2, 0)), 4, 6, 8)]
+# The cases whose gradient `lax.platform_dependent` selects by platform.
+STRIDE1_CASES = [case for case in CASES if case[0] > 1 and case[1] == 1]
 
 
 def _conv(fn, x, w, stride, padding):
@@ -35,12 +42,48 @@ def test_matches_lax_value_and_gradients(kernel, stride, padding, cin, cout,
   def loss(fn):
     return lambda x, w: jnp.sum(jnp.sin(_conv(fn, x, w, stride, padding)))
 
-  ours = jax.jit(jax.value_and_grad(loss(conv.conv_general_dilated),
-                                    argnums=(0, 1)))(x, w)
+  ours = jax.jit(jax.value_and_grad(
+      loss(fast_gradients.conv_general_dilated), argnums=(0, 1)))(x, w)
   reference = jax.jit(jax.value_and_grad(loss(lax.conv_general_dilated),
                                          argnums=(0, 1)))(x, w)
   for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('kernel,stride,padding,cin,cout,size', STRIDE1_CASES)
+def test_default_branch_gradients_equal_the_cpu_branch(kernel, stride, padding,
+                                                       cin, cout, size):
+  """What other platforms run (XLA's own gradients) and what XLA:CPU runs
+  (the kernel gradient as matrix products), both called directly here."""
+  del stride
+  x = jax.random.normal(jax.random.key(0), (tc.BATCH, size, size, cin))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, cin, cout))
+  out_size = size + padding[0][0] + padding[0][1] - kernel + 1
+  grad_out = jax.random.normal(jax.random.key(2),
+                               (tc.BATCH, out_size, out_size, cout))
+  # pylint: disable=protected-access
+  branches = [jax.jit(functools.partial(fn, padding, None))(x, w, grad_out)
+              for fn in (fast_gradients._matmul_gradients,
+                         fast_gradients._xla_gradients)]
+  for cpu, default in zip(*branches, strict=True):
+    np.testing.assert_allclose(cpu, default, rtol=1e-4, atol=1e-4)
+
+
+def test_take_channels_matches_numpy_value_and_gradient():
+  """Distinct indices that leave channels out: the value is x[..., index];
+  the gradient puts the output gradient back on the drawn channels and zero
+  on the others."""
+  x = np.asarray(jax.random.normal(jax.random.key(3), (tc.BATCH, 4, 4, 6)))
+  index = np.array([4, 0, 2])
+  weights = np.asarray(jax.random.normal(jax.random.key(4),
+                                         (tc.BATCH, 4, 4, len(index))))
+  value, grad = jax.jit(jax.value_and_grad(lambda x: jnp.sum(
+      weights * fast_gradients.take_channels(x, jnp.asarray(index)))))(x)
+  expected_grad = np.zeros_like(x)
+  expected_grad[..., index] = weights
+  np.testing.assert_allclose(value, np.sum(weights * x[..., index]),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(grad, expected_grad)
 
 
 def test_cpu_kernel_gradient_avoids_the_window_convolution():
@@ -49,7 +92,7 @@ def test_cpu_kernel_gradient_avoids_the_window_convolution():
   x = jnp.zeros((2, 16, 16, 4))
   w = jnp.zeros((3, 3, 4, 8))
   grad_w = jax.jit(jax.grad(
-      lambda w: jnp.sum(_conv(conv.conv_general_dilated, x, w, 1,
+      lambda w: jnp.sum(_conv(fast_gradients.conv_general_dilated, x, w, 1,
                               ((1, 1), (1, 1)))))).lower(w).compile()
   hlo = grad_w.as_text()
   window_convs = [line for line in hlo.splitlines()
@@ -59,8 +102,7 @@ def test_cpu_kernel_gradient_avoids_the_window_convolution():
 
 
 def test_flax_conv_with_it_keeps_parameter_layout():
-  layer = nn.Conv(6, (3, 3), padding=1,
-                  conv_general_dilated=conv.conv_general_dilated)
+  layer = fast_gradients.Conv(6, (3, 3), padding=1)
   plain = nn.Conv(6, (3, 3), padding=1)
   x = jax.random.normal(jax.random.key(2), (1, 8, 8, 3))
   variables = plain.init(jax.random.key(3), x)
@@ -74,7 +116,7 @@ def test_bfloat16_kernel_gradient_keeps_dtype():
   x = jnp.ones((1, 8, 8, 3), jnp.bfloat16)
   w = jnp.ones((3, 3, 3, 4), jnp.bfloat16)
   grad = jax.grad(lambda w: jnp.sum(_conv(
-      conv.conv_general_dilated, x, w, 1, ((1, 1), (1, 1))).astype(
+      fast_gradients.conv_general_dilated, x, w, 1, ((1, 1), (1, 1))).astype(
           jnp.float32)))(w)
   assert grad.dtype == jnp.bfloat16
   # The centre tap sees all 64 pixels, a corner tap 7 x 7 of them.

@@ -1,0 +1,173 @@
+"""Faster gradients for the models and losses: every platform trick, named.
+
+Each function here computes what the plain JAX call it stands in for computes;
+only the program XLA runs differs. The tricks, the platforms they apply to and
+their measurements (items of benchmarks/NOTES.md):
+
+- Kernel gradient of a stride-1 convolution as kh*kw matrix products of
+  shifted input windows with the output gradient (`conv_general_dilated`, in
+  `Conv`). XLA:CPU only, selected by `lax.platform_dependent`; elsewhere XLA's
+  own gradient (cuDNN's is fast). XLA:CPU lowers the kernel gradient of a 3x3
+  "same" convolution to a convolution with an image-sized window on a slow
+  generic path: 3016 ms (4.9 GFLOP/s) for one 4x224x224x64 -> 64 layer
+  (item 2). As products it takes 472 ms, and the UNet step at batch 4 went
+  26.9 s -> 12.4 s (item 3); other layouts of the products gain at most 6%
+  (item 4).
+- Convolutions whose stride equals their kernel (patch embedding, 1x1) as a
+  reshape and one matrix product (`conv_general_dilated`). All platforms: on
+  XLA:CPU it removes the slow kernel gradient from the Swin-UNet's patch
+  embedding and output convolution and the UNet's `outc` (item 6); it is the
+  same product on any backend, and the H200 figures of NOTES ("One NVIDIA
+  H200") were measured with it.
+- A channel gather whose gradient is the gather of the output gradient by the
+  inverse index, not a scatter-add (`take_channels`). All platforms:
+  scatter-add is slow on XLA:CPU (item 8: with the pooled teacher pyramid it
+  took the SelfReg loss alone from 344 to 191 ms for the UNet and from 160 to
+  93 ms for the Swin-UNet), and on an H200 the plain `jnp.take` gradient
+  raised SelfReg's cost from +9.6% / +16.0% of the step to +25.5% / +31.9%
+  (fp32 / bf16, item 18).
+- The gathered channels materialised by an `optimization_barrier`
+  (`take_channels`), so XLA does not fuse the gather into the reductions over
+  it. XLA:CPU only, selected by `lax.platform_dependent`: it is part of item
+  8's change, where those fusions were slow; on an H200 it made no difference
+  beyond noise (item 18: +10.7% / +14.3% with it, +9.6% / +16.0% without).
+"""
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                out_spec=(0, 3, 1, 2))
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count=1, precision=None, **kwargs):
+  """`lax.conv_general_dilated` with faster gradients for NHWC/HWIO convs.
+
+  Parameters and results are those of `lax.conv_general_dilated`.
+  """
+  kernel = rhs.shape[:-2]
+  plain = (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+           == NHWC and feature_group_count == 1 and not kwargs
+           and all(d == 1 for d in lhs_dilation or (1,))
+           and all(d == 1 for d in rhs_dilation or (1,))
+           and not isinstance(padding, str))
+  if (plain and tuple(window_strides) == kernel
+      and all(lo == hi == 0 for lo, hi in padding)
+      and all(n % k == 0 for n, k in zip(lhs.shape[1:-1], kernel))):
+    return _patch_conv(lhs, rhs, precision)
+  if plain and all(s == 1 for s in window_strides):
+    return _stride1_conv(lhs, rhs, tuple(map(tuple, padding)), precision)
+  return lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+      dimension_numbers, feature_group_count, precision=precision, **kwargs)
+
+
+# The convolution layer of the models: `nn.Conv` computing with
+# `conv_general_dilated` (the same parameters and values as `nn.Conv`).
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+
+
+def _xla_conv(lhs, rhs, padding, precision):
+  return lax.conv_general_dilated(lhs, rhs, (1, 1), padding,
+                                  dimension_numbers=NHWC, precision=precision)
+
+
+def _patch_conv(lhs, rhs, precision):
+  """Non-overlapping kh x kw patches times the kernel: (B, H/kh, W/kw, O)."""
+  b, h, w, c = lhs.shape
+  kh, kw, _, out = rhs.shape
+  patches = lhs.reshape(b, h // kh, kh, w // kw, kw, c).transpose(
+      0, 1, 3, 2, 4, 5).reshape(b, h // kh, w // kw, kh * kw * c)
+  return jnp.dot(patches, rhs.reshape(kh * kw * c, out), precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _stride1_conv(lhs, rhs, padding: Sequence[tuple[int, int]], precision):
+  """lhs (B, H, W, C), rhs (kh, kw, C, O), explicit padding, stride 1."""
+  return _xla_conv(lhs, rhs, padding, precision)
+
+
+def _stride1_conv_fwd(lhs, rhs, padding, precision):
+  return _xla_conv(lhs, rhs, padding, precision), (lhs, rhs)
+
+
+def _xla_gradients(padding, precision, lhs, rhs, grad_out):
+  """(grad lhs, grad rhs) of the stride-1 convolution, XLA's own."""
+  _, vjp = jax.vjp(lambda x, k: _xla_conv(x, k, padding, precision), lhs, rhs)
+  return vjp(grad_out)
+
+
+def _matmul_gradients(padding, precision, lhs, rhs, grad_out):
+  """(grad lhs, grad rhs): XLA's input gradient, the kernel gradient as
+  kh*kw matrix products (B*H'*W', C)^T x (B*H'*W', O) accumulated in fp32."""
+  kh, kw = rhs.shape[:2]
+  flipped = jnp.flip(rhs, (0, 1)).swapaxes(2, 3)
+  grad_lhs = _xla_conv(grad_out, flipped,
+                       [(k - 1 - lo, k - 1 - hi)
+                        for k, (lo, hi) in zip((kh, kw), padding)],
+                       precision)
+  padded = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
+  out_h, out_w = grad_out.shape[1:3]
+  flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+  rows = []
+  for i in range(kh):
+    rows.append(jnp.stack([
+        lax.dot_general(
+            padded[:, i:i + out_h, j:j + out_w].reshape(-1, lhs.shape[-1]),
+            flat_grad, (((0,), (0,)), ((), ())), precision=precision,
+            preferred_element_type=jnp.float32)
+        for j in range(kw)]))
+  return grad_lhs, jnp.stack(rows).astype(rhs.dtype)
+
+
+def _stride1_conv_bwd(padding, precision, residuals, grad_out):
+  lhs, rhs = residuals
+  return lax.platform_dependent(
+      lhs, rhs, grad_out,
+      cpu=functools.partial(_matmul_gradients, padding, precision),
+      default=functools.partial(_xla_gradients, padding, precision))
+
+
+_stride1_conv.defvjp(_stride1_conv_fwd, _stride1_conv_bwd)
+
+
+def _materialised_on_cpu(x: jax.Array) -> jax.Array:
+  """x; on XLA:CPU behind an `optimization_barrier`, so that it is computed
+  into its own buffer rather than fused into its consumers."""
+  return lax.platform_dependent(x, cpu=lax.optimization_barrier,
+                                default=lambda x: x)
+
+
+@jax.custom_vjp
+def take_channels(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x[..., index] for distinct indices, with a gather as its gradient.
+
+  x (..., C), index (k,) distinct ints in [0, C) -> (..., k). The gradient
+  is the output gradient gathered by the inverse index (zero for channels not
+  drawn), which equals the scatter-add `jnp.take` would use because the
+  indices are distinct.
+  """
+  return _materialised_on_cpu(jnp.take(x, index, axis=-1))
+
+
+def _take_channels_fwd(x, index):
+  return take_channels(x, index), (index, x.shape[-1])
+
+
+def _take_channels_bwd(residuals, grad):
+  index, channels = residuals
+  drawn = index.shape[0]
+  inverse = jnp.full((channels,), drawn, index.dtype).at[index].set(
+      jnp.arange(drawn, dtype=index.dtype))
+  padded = jnp.concatenate([grad, jnp.zeros_like(grad[..., :1])], axis=-1)
+  return _materialised_on_cpu(jnp.take(padded, inverse, axis=-1)), None
+
+
+take_channels.defvjp(_take_channels_fwd, _take_channels_bwd)
