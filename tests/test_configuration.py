@@ -12,6 +12,8 @@ from configs import demo
 from configs import synapse_swin
 from selfreg_jax.common import cli
 from selfreg_jax.core import configuration
+from selfreg_jax.core import outputs
+from selfreg_jax.evaluation import metrics
 from selfreg_jax.core.models import create_model
 from selfreg_jax.core.models import unet
 
@@ -186,3 +188,22 @@ def test_flatten_names_every_leaf_of_configs_and_dicts_by_dotted_key():
       'sweep.loss.scr_weight': [0.0, 0.01]}
   assert configuration.flatten({'a': {'b': {'c': 1}}, 'd': [2]}) == {
       'a.b.c': 1, 'd': [2]}
+
+
+def test_metric_modes_accepted_are_the_ones_metrics_computes():
+  """core does not import evaluation, so validation names the modes itself;
+  they must be exactly the modes of metrics.multiclass_metrics."""
+  assert configuration.CHOICES['eval.metric_mode'] == metrics.MODES
+
+
+@pytest.mark.parametrize('num_classes, paper, fitting', [
+    (2, 1, (2, 1)), (4, 4, (4,)), (9, 9, (9,))])
+def test_binary_sets_get_one_sigmoid_logit(num_classes, paper, fitting):
+  """UCTransNet's GlaS / MoNuSeg head: one logit for two classes."""
+  assert outputs.paper_outputs(num_classes) == paper
+  assert outputs.fitting_outputs(num_classes) == fitting
+  logits = np.array([[[[-0.1], [0.1]]]], np.float32)
+  np.testing.assert_array_equal(outputs.class_map(logits), [[[0, 1]]])
+  assert outputs.class_ids(1) == (1,) and outputs.class_ids(3) == (0, 1, 2)
+  assert outputs.loss_part_names(1)['ce'] == 'bce'
+  assert outputs.loss_part_names(num_classes)['ce'] == 'ce'

@@ -17,10 +17,10 @@ nothing. The measurements behind each setting are in benchmarks/NOTES.md.
   only at process start, so the process restarts itself once with it. Set
   GLIBC_TUNABLES yourself (even to '') to keep the process as started.
 - JAX's classic (non-partitionable) threefry random numbers: the partitionable
-  scheme makes XLA:CPU compile random-number code about 10x slower (a jitted
-  init of the tiny test UNet: 30 s instead of 3 s). Our draws are small
-  (initialisation, SCR channel draws, stochastic-depth masks; the latter drawn
-  per sample so that they do not depend on the sharding). Set through the
+  scheme makes XLA:CPU compile random-number code about 10x slower (NOTES
+  item 25). Our draws are small (initialisation, SCR channel draws,
+  stochastic-depth masks; the latter drawn per sample so that they do not
+  depend on the sharding). Set through the
   JAX_THREEFRY_PARTITIONABLE environment variable too, so that processes
   started from this one (multi-process launches, tests) draw the same numbers.
 - TensorFlow's oneDNN notice: CLU's summary writers import TensorFlow to write

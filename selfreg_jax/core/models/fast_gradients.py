@@ -2,35 +2,27 @@
 
 Each function here computes what the plain JAX call it stands in for computes;
 only the program XLA runs differs. The tricks, the platforms they apply to and
-their measurements (items of benchmarks/NOTES.md):
+the items of benchmarks/NOTES.md that measure them:
 
 - Kernel gradient of a stride-1 convolution as kh*kw matrix products of
   shifted input windows with the output gradient (`conv_general_dilated`, in
   `Conv`). XLA:CPU only, selected by `lax.platform_dependent`; elsewhere XLA's
   own gradient (cuDNN's is fast). XLA:CPU lowers the kernel gradient of a 3x3
   "same" convolution to a convolution with an image-sized window on a slow
-  generic path: 3016 ms (4.9 GFLOP/s) for one 4x224x224x64 -> 64 layer
-  (item 2). As products it takes 472 ms, and the UNet step at batch 4 went
-  26.9 s -> 12.4 s (item 3); other layouts of the products gain at most 6%
-  (item 4).
+  generic path (items 2-4).
 - Convolutions whose stride equals their kernel (patch embedding, 1x1) as a
   reshape and one matrix product (`conv_general_dilated`). All platforms: on
   XLA:CPU it removes the slow kernel gradient from the Swin-UNet's patch
   embedding and output convolution and the UNet's `outc` (item 6); it is the
-  same product on any backend, and the H200 figures of NOTES ("One NVIDIA
-  H200") were measured with it.
+  same product on any backend, and the H200 figures of NOTES were measured
+  with it.
 - A channel gather whose gradient is the gather of the output gradient by the
   inverse index, not a scatter-add (`take_channels`). All platforms:
-  scatter-add is slow on XLA:CPU (item 8: with the pooled teacher pyramid it
-  took the SelfReg loss alone from 344 to 191 ms for the UNet and from 160 to
-  93 ms for the Swin-UNet), and on an H200 the plain `jnp.take` gradient
-  raised SelfReg's cost from +9.6% / +16.0% of the step to +25.5% / +31.9%
-  (fp32 / bf16, item 18).
+  scatter-add is slow on XLA:CPU (item 8) and on an H200 (item 18).
 - The gathered channels materialised by an `optimization_barrier`
   (`take_channels`), so XLA does not fuse the gather into the reductions over
-  it. XLA:CPU only, selected by `lax.platform_dependent`: it is part of item
-  8's change, where those fusions were slow; on an H200 it made no difference
-  beyond noise (item 18: +10.7% / +14.3% with it, +9.6% / +16.0% without).
+  it. XLA:CPU only, selected by `lax.platform_dependent`: those fusions were
+  slow there (item 8); on an H200 it made no difference (item 18).
 """
 
 import functools
