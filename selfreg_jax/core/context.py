@@ -97,8 +97,15 @@ def create(config: ml_collections.ConfigDict, mode: str = 'train_and_eval',
   """
   saved = None
   if workdir is not None and checkpoints.has_checkpoints(workdir):
-    saved = checkpoints.stored_config(workdir)
-    config = checkpoints.with_stored_model(config, saved, workdir, overridden)
+    try:
+      saved = checkpoints.stored_config(workdir)
+      config = checkpoints.with_stored_model(config, saved, workdir,
+                                             overridden)
+    except checkpoints.CheckpointError:
+      if mode == 'eval':
+        raise
+      # Training moves the damaged step aside and resumes from the newest
+      # intact one (`checkpoints.restore_newest_intact`).
   configuration.validate(config, mode)
   mesh = sharding.data_mesh()
   model = models.create_model(config.model, dtype=jnp.dtype(config.dtype))
