@@ -124,8 +124,9 @@ def test_smoke_run_writes_every_suite(tmp_path):
       totals[0] - settings.SMOKE_BATCH * line['marginal_bytes_per_image'])
 
   # The UNet step all-reduces its gradients and BatchNorm statistics only.
+  # One layout (the 2-process one is tested in test_collectives).
   assert [(r['processes'], r['devices']) for r in by_suite['collectives']] == [
-      (1, 4), (2, 4)]
+      (1, 4)]
   for record in by_suite['collectives']:
     assert record['gradient_bytes'] == record['param_bytes'] > 0
     assert record['other_all_reduce_bytes'] >= record['batch_stats_bytes']
