@@ -322,27 +322,41 @@ def test_eight_devices_match_one_device(tiny_demo_data_dir, tmp_path, model):
   the loss (measured 5e-5 relative at step 3); the SelfReg terms themselves
   are checked under sharding in test_losses.
   """
-  results = {}
+  # Both runs side by side: their compiles, which dominate, are one thread
+  # each. Logs go to files (a full pipe would stall a run).
+  runs = {}
   for devices in (1, 8):
     env = dict(os.environ,
                XLA_FLAGS=(os.environ['XLA_FLAGS'] +
                           f' --xla_force_host_platform_device_count={devices}'))
     workdir = tmp_path / f'{devices}dev'
-    run = _run_main(_main_args(model, workdir, tiny_demo_data_dir,
-                               '--config.num_train_steps=3', '--mode=train',
-                               '--config.checkpoint_every_steps=1',
-                               '--config.image_summary_every_steps=0',
-                               '--config.eval_every_steps=-1',
-                               '--config.keep_checkpoints=5',
-                               '--config.optimizer.name=sgd',
-                               '--config.optimizer.learning_rate=0.005',
-                               '--config.loss.use_selfreg=False'),
-                    env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert f'{devices} local / {devices} global devices' in run.stderr
-    results[devices] = (_scalar_series(workdir, 'train/total'),
-                        _variables(workdir, _config(tiny_demo_data_dir,
-                                                    model))[0])
+    log = tmp_path / f'{devices}dev.log'
+    with open(log, 'w') as stderr:
+      runs[devices] = (workdir, log, subprocess.Popen(
+          [sys.executable, str(ROOT / 'main.py'),
+           *_main_args(model, workdir, tiny_demo_data_dir,
+                       '--config.num_train_steps=3', '--mode=train',
+                       '--config.checkpoint_every_steps=1',
+                       '--config.image_summary_every_steps=0',
+                       '--config.eval_every_steps=-1',
+                       '--config.keep_checkpoints=5',
+                       '--config.optimizer.name=sgd',
+                       '--config.optimizer.learning_rate=0.005',
+                       '--config.loss.use_selfreg=False')],
+          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr))
+  results = {}
+  try:
+    for devices, (workdir, log, process) in runs.items():
+      process.wait(timeout=600)
+      stderr = log.read_text()
+      assert process.returncode == 0, stderr[-3000:]
+      assert f'{devices} local / {devices} global devices' in stderr
+      results[devices] = (_scalar_series(workdir, 'train/total'),
+                          _variables(workdir, _config(tiny_demo_data_dir,
+                                                      model))[0])
+  finally:
+    for _, _, process in runs.values():
+      process.kill()  # only one still running: the test failed
   np.testing.assert_allclose(results[1][0], results[8][0], rtol=1e-5)
   # Per weight, the first conv layers differ by up to 3e-4 relative and the
   # BatchNorm biases (sums over all pixels that nearly cancel) by up to 5%
