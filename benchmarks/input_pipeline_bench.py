@@ -6,7 +6,8 @@ that `create_train_loader` delivers at 224x224 with augmentation on, for
 0, 1 and 2 grain worker processes, after the first batch (whose wait is
 reported as the start-up time). Also reports the raw read rate of the
 ArrayRecord source (decoding only) for comparison. With --smoke: 64x64
-slices resized to 32 and a few batches.
+slices resized to 32, a few batches, 0 and 2 workers (each worker count
+costs its processes' start-up).
 """
 
 import pathlib
@@ -23,6 +24,7 @@ from selfreg_jax.core import input_pipeline
 
 SUITE = 'input_pipeline'
 WORKER_COUNTS = (0, 1, 2)
+SMOKE_WORKER_COUNTS = (0, 2)
 
 # (slice size in, image size out, train cases, slices per case, batch size,
 #  timed batches) of the full and the smoke run.
@@ -90,7 +92,8 @@ def measurements(settings: settings_lib.Settings,
     _build(data_dir, setting)
     yield {'suite': SUITE, 'loader': 'read_only', **setting,
            'slices_per_s': measure_reads(_config(data_dir, setting, 0))}
-    for num_workers in WORKER_COUNTS:
+    for num_workers in (SMOKE_WORKER_COUNTS if settings.smoke
+                        else WORKER_COUNTS):
       measured = measure_loader(_config(data_dir, setting, num_workers),
                                 setting['batches'])
       yield {'suite': SUITE, 'loader': 'train', **setting,

@@ -11,7 +11,6 @@ import sys
 import jax
 import pytest
 
-from benchmarks import input_pipeline_bench
 from benchmarks import run as bench_run
 from benchmarks import settings
 from benchmarks import timing
@@ -108,7 +107,7 @@ def test_smoke_run_writes_every_suite(tmp_path):
   assert metrics['bit_identical'] is True
 
   workers = [r.get('num_workers') for r in by_suite['input_pipeline']]
-  assert workers == [None, *input_pipeline_bench.WORKER_COUNTS]
+  assert workers == [None, 0, 2]  # read only, then the smoke's worker counts
 
   # Two batch sizes of the smoke model (far below the host's memory), then
   # the straight line through their plans.
@@ -124,8 +123,9 @@ def test_smoke_run_writes_every_suite(tmp_path):
       totals[0] - settings.SMOKE_BATCH * line['marginal_bytes_per_image'])
 
   # The UNet step all-reduces its gradients and BatchNorm statistics only.
+  # One layout (the 2-process one is tested in test_collectives).
   assert [(r['processes'], r['devices']) for r in by_suite['collectives']] == [
-      (1, 4), (2, 4)]
+      (1, 4)]
   for record in by_suite['collectives']:
     assert record['gradient_bytes'] == record['param_bytes'] > 0
     assert record['other_all_reduce_bytes'] >= record['batch_stats_bytes']

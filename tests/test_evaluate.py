@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 import pytest
+from scipy import ndimage
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 import tensorflow_datasets as tfds
@@ -111,24 +112,94 @@ def test_class_names_come_from_the_built_data_set(tmp_path):
       f'class_{k}' for k in range(1, config.dataset.num_classes))
 
 
-def test_metrics_and_files_match_direct_computation(demo_model, tmp_path,
-                                                    umask):
+def _oracle_class_maps(model, variables, cases) -> list[np.ndarray]:
+  """(D, H, W) class ids of each case as docs/design.md section 4 defines them,
+  without selfreg_jax.evaluation.inference: every slice zoomed to IMAGE_SIZE (cubic
+  spline, per channel), the argmax of the model's logits zoomed back to
+  (H, W) with nearest neighbour."""
+  inputs, shapes = [], []
+  for case in cases:
+    height, width = case.image.shape[1:3]
+    factors = (IMAGE_SIZE / height, IMAGE_SIZE / width)
+    inputs += [np.stack([ndimage.zoom(image[..., c], factors, order=3)
+                         for c in range(image.shape[-1])], axis=-1)
+               for image in case.image]
+    shapes.append(case.label.shape)
+  logits, _ = jax.jit(lambda x: model.apply(variables, x, train=False))(
+      np.stack(inputs))
+  classes = np.asarray(jax.numpy.argmax(logits, axis=-1)).astype(np.uint8)
+  maps, start = [], 0
+  for depth, height, width in shapes:
+    maps.append(np.stack([
+        ndimage.zoom(c, (height / IMAGE_SIZE, width / IMAGE_SIZE), order=0)
+        for c in classes[start:start + depth]]))
+    start += depth
+  return maps
+
+
+def _oracle_metrics(pred: np.ndarray, truth: np.ndarray, spacing,
+                    mode: str) -> dict[str, float]:
+  """Dice, Jaccard, HD95, ASSD of two bool masks by the conventions of
+  selfreg_jax/evaluation/metrics.py's docstring (docs/design.md section 4), from SciPy's
+  erosion and Euclidean distance transform of the whole volume."""
+  if not pred.any() or not truth.any():
+    if mode == 'paper':
+      score = 1.0 if pred.any() else 0.0
+      return dict(dice=score, jaccard=score, hd95=0.0, assd=0.0)
+    score = 0.0 if pred.any() or truth.any() else math.nan
+    return dict(dice=score, jaccard=score, hd95=math.nan, assd=math.nan)
+  overlap = (pred & truth).sum()
+  cross = ndimage.generate_binary_structure(pred.ndim, 1)
+  pred_surface, truth_surface = (
+      mask ^ ndimage.binary_erosion(mask, cross) for mask in (pred, truth))
+  pred_to_truth = ndimage.distance_transform_edt(
+      ~truth_surface, sampling=spacing)[pred_surface]
+  truth_to_pred = ndimage.distance_transform_edt(
+      ~pred_surface, sampling=spacing)[truth_surface]
+  pooled = np.concatenate([pred_to_truth, truth_to_pred])
+  if mode == 'paper':
+    hd95 = np.percentile(pooled, 95)
+    assd = (pred_to_truth.mean() + truth_to_pred.mean()) / 2
+  else:
+    hd95 = max(np.percentile(pred_to_truth, 95),
+               np.percentile(truth_to_pred, 95))
+    assd = pooled.mean()
+  return dict(dice=2 * overlap / (pred.sum() + truth.sum()),
+              jaccard=overlap / (pred | truth).sum(), hd95=hd95, assd=assd)
+
+
+@pytest.fixture(scope='module')
+def oracle_class_maps(demo_model):
   model, variables = demo_model
-  config = _config(metric_mode='standard')
+  return _oracle_class_maps(model, variables,
+                            _volume_cases(_config().dataset.num_classes))
+
+
+@pytest.mark.parametrize('mode', ['paper', 'standard'])
+def test_metrics_and_files_match_direct_computation(demo_model,
+                                                    oracle_class_maps,
+                                                    tmp_path, umask, mode):
+  model, variables = demo_model
+  config = _config(metric_mode=mode)
   num_classes = config.dataset.num_classes
   names = input_pipeline.generic_class_names(config.dataset.num_classes)
   cases = _volume_cases(num_classes)
   summary = evaluate.evaluate_cases(_context(config), variables, cases,
-                                    split='test',                                     out_dir=tmp_path, step=3)
+                                    split='test', out_dir=tmp_path, step=3)
 
-  predict_fn = inference.make_predict_fn(model, make_mesh())
-  expected = [
-      metrics.multiclass_metrics(
-          inference.predict_volume(predict_fn, variables, case.image,
-                                   IMAGE_SIZE, BATCH_SIZE),
-          case.label, num_classes, case.spacing, 'standard')
-      for case in cases
-  ]
+  # Paper mode measures in voxels (the reference code passes no spacing).
+  # expected[name][i, k]: case i, class k + 1.
+  expected = {name: np.empty((len(cases), num_classes - 1))
+              for name in metrics.METRIC_NAMES}
+  for i, (case, pred) in enumerate(zip(cases, oracle_class_maps)):
+    spacing = case.spacing if mode == 'standard' else None
+    for k in range(1, num_classes):
+      for name, value in _oracle_metrics(pred == k, case.label == k, spacing,
+                                         mode).items():
+        expected[name][i, k - 1] = value
+  # The model predicts several classes, and some class is both predicted and
+  # present, so the distances are exercised.
+  assert np.isfinite(expected['hd95']).any() and (expected['hd95'] > 0).any()
   rows = _read_csv(tmp_path / evaluate.METRICS_FILE)
   assert len(rows) == len(cases) * (num_classes - 1)
   for row in rows:
@@ -136,17 +207,25 @@ def test_metrics_and_files_match_direct_computation(demo_model, tmp_path,
     k = int(row['class_id']) - 1
     assert row['class_name'] == names[k]
     for name in metrics.METRIC_NAMES:
-      np.testing.assert_equal(float(row[name]),
-                              expected[case_index].values[name][k])
+      np.testing.assert_allclose(float(row[name]),
+                                 expected[name][case_index, k], rtol=1e-12)
 
-  aggregated = metrics.aggregate(expected)
+  # Mean over cases, then over classes, NaN entries left out.
   for name in metrics.METRIC_NAMES:
-    np.testing.assert_equal(summary[f'mean_{name}'], aggregated.mean[name])
+    valid = ~np.isnan(expected[name])
+    per_class = [expected[name][valid[:, k], k].mean()
+                 for k in range(num_classes - 1) if valid[:, k].any()]
+    np.testing.assert_allclose(summary[f'mean_{name}'], np.mean(per_class),
+                               rtol=1e-12)
+    assert [summary['excluded'][name][n] for n in names] == list(
+        (~valid).sum(axis=0))
   assert summary['num_cases'] == len(cases)
   assert summary['num_slices'] == sum(len(c.image) for c in cases)
-  assert summary['distance_unit'] == 'mm' and summary['mode'] == 'standard'
-  # The absent last class has empty truth in every case: HD95 left out.
-  assert summary['excluded']['hd95'][names[-1]] == len(cases)
+  assert summary['mode'] == mode
+  assert summary['distance_unit'] == ('mm' if mode == 'standard' else 'voxel')
+  if mode == 'standard':
+    # The absent last class has empty truth in every case: HD95 left out.
+    assert summary['excluded']['hd95'][names[-1]] == len(cases)
 
   written = json.loads((tmp_path / evaluate.SUMMARY_FILE).read_text())
   assert written['num_cases'] == len(cases) and written['step'] == 3
@@ -170,7 +249,8 @@ def test_constant_prediction_gives_known_metrics(demo_model, mode):
   predicted_class = 1
   variables = predicting_constant(variables, predicted_class, num_classes)
   cases = _volume_cases(num_classes)
-  summary = evaluate.evaluate_cases(_context(config), variables, cases, split='test')
+  summary = evaluate.evaluate_cases(_context(config), variables, cases,
+                                    split='test')
   names = input_pipeline.generic_class_names(config.dataset.num_classes)
   # Class 1 fills every volume: Dice = 2|T| / (|volume| + |T|).
   dice = [2 * (c.label == predicted_class).sum()

@@ -1,1 +1,2 @@
-"""Process plumbing: flags and one-line errors, atomic files, process settings, multi-process start."""
+"""Process plumbing: flags and one-line errors, atomic files, process
+settings, joining a multi-process job."""

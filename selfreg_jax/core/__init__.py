@@ -1,1 +1,2 @@
-"""The method: models, losses, input pipeline, config checks, checkpoints and the run context."""
+"""The method: models, losses, input pipeline, config checks, checkpoints
+and the run context."""

@@ -72,8 +72,8 @@ def _save_arrays_whole() -> None:
 
   Orbax's default splits every replicated array over its replicas and
   compiles a slicing program per array shape (NOTES item 25), for states (at
-  most a few hundred MB) that gain nothing from parallel writes. (This handler keeps no
-  PRNG-key metadata; train states hold no keys.)
+  most a few hundred MB) that gain nothing from parallel writes. (This handler
+  keeps no PRNG-key metadata; train states hold no keys.)
   """
   ocp.type_handlers.register_type_handler(
       jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),

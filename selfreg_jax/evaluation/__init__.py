@@ -1,1 +1,2 @@
-"""Evaluation: slice-wise inference, metrics, evaluation of a split and its files, images."""
+"""Evaluation: slice-wise inference, metrics, evaluation of a split and its
+files, images."""

@@ -1,1 +1,2 @@
-"""PyTorch interop: reading .pth/.npz/safetensors files, ImageNet initialisation, conversion."""
+"""PyTorch interop: reading .pth / .npz / safetensors files, ImageNet
+initialisation, conversion."""

@@ -1,1 +1,2 @@
-"""Tools over trained runs: Grad-CAM analysis, sweeps, reports, collective checks."""
+"""Tools over trained runs: Grad-CAM analysis, sweeps, reports, collective
+checks."""
