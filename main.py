@@ -5,9 +5,10 @@
       --config.num_train_steps=100 --mode train_and_eval
 
 Multi-process runs join their job through
-`selfreg_jax.common.distributed.initialize`: explicitly when the launcher sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
-and JAX_PROCESS_ID (e.g. two CPU processes on one machine), or with JAX's
-cluster auto-detection on a Cloud TPU pod slice, under SLURM or Open MPI.
+`selfreg_jax.common.distributed.initialize`: explicitly when the launcher sets
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (e.g. two CPU
+processes on one machine), or with JAX's cluster auto-detection on a Cloud TPU
+pod slice, under SLURM or Open MPI.
 """
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
