@@ -42,6 +42,7 @@ import tensorflow_datasets as tfds
 from data_prep import builders
 from data_prep import sources
 from selfreg_jax.common import cli
+from selfreg_jax.core import input_pipeline
 
 
 def default_data_dir() -> pathlib.Path:
@@ -183,11 +184,11 @@ def ensure_demo_dataset(dataset_config: ml_collections.ConfigDict) -> None:
   """
   if dataset_config.name != builders.builder_class('demo').name:
     return
-  data_dir = pathlib.Path(dataset_config.data_dir
-                          or default_data_dir()).expanduser()
-  built = any((data_dir / dataset_config.name).glob('*/dataset_info.json'))
-  if jax.process_index() == 0 and not built:
-    build_dataset('demo', data_dir=data_dir)
+  if jax.process_index() == 0:
+    try:
+      input_pipeline.open_dataset(dataset_config.name, dataset_config.data_dir)
+    except FileNotFoundError:
+      build_dataset('demo', data_dir=dataset_config.data_dir)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('demo data built')
 

@@ -445,3 +445,21 @@ def test_acdc_raw_and_copy_builds_give_the_same_split(acdc_release_and_copy,
   # First and last entries of lists_ACDC/{valid,test}.txt.
   assert {'patient019', 'patient080'} <= patients['raw']['validation']
   assert {'patient002', 'patient095'} <= patients['raw']['test']
+
+
+def test_entry_points_build_the_demo_set_once_and_no_other(tmp_path, capsys):
+  """What main.py and the sweep call first: the demo set is built where
+  config.dataset points when it is absent, reused when present, and other
+  data sets are never built."""
+  config = base.dataset_config('demo')
+  config.data_dir = str(tmp_path)
+  build.ensure_demo_dataset(config)
+  assert capsys.readouterr().out.count(f'Built {DATASET_NAME}:') == 1
+  assert input_pipeline.DataSet.open(config).class_names == (
+      demo.CLASS_NAMES[1:])
+  build.ensure_demo_dataset(config)
+  assert 'Buil' not in capsys.readouterr().out
+  other = base.dataset_config('glas')
+  other.data_dir = str(tmp_path / 'elsewhere')
+  build.ensure_demo_dataset(other)
+  assert not (tmp_path / 'elsewhere').exists()
