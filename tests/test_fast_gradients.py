@@ -22,9 +22,13 @@ CASES = [(3, 1, ((1, 1), (1, 1)), 5, 7, 12),
          (1, 1, ((0, 0), (0, 0)), 5, 3, 12),
          (4, 4, ((0, 0), (0, 0)), 3, 8, 16),
          (3, 2, ((1, 1), (1, 1)), 4, 6, 10),
-         (3, 1, ((0, 2), (2, 0)), 4, 6, 8)]
+         (3, 1, ((0, 2), (2, 0)), 4, 6, 8),
+         (3, 1, 'SAME', 4, 6, 9),
+         (1, 1, 'SAME', 5, 3, 12),
+         (4, 4, 'VALID', 3, 8, 16)]
 # The cases whose gradient `lax.platform_dependent` selects by platform.
-STRIDE1_CASES = [case for case in CASES if case[0] > 1 and case[1] == 1]
+STRIDE1_CASES = [case for case in CASES
+                 if case[0] > 1 and case[1] == 1 and not isinstance(case[2], str)]
 
 
 def _conv(fn, x, w, stride, padding):
@@ -50,11 +54,16 @@ def test_matches_lax_value_and_gradients(kernel, stride, padding, cin, cout,
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('options', [{}, {'band_elements': 400},
+                                     {'banded_kernel_elements': 0}])
 @pytest.mark.parametrize('kernel,stride,padding,cin,cout,size', STRIDE1_CASES)
 def test_default_branch_gradients_equal_the_cpu_branch(kernel, stride, padding,
-                                                       cin, cout, size):
+                                                       cin, cout, size,
+                                                       options):
   """What other platforms run (XLA's own gradients) and what XLA:CPU runs
-  (the kernel gradient as matrix products), both called directly here."""
+  (the kernel gradient as matrix products), both called directly here: in
+  bands of the whole image, in bands of one or two rows, and as whole-batch
+  products (the wide layers' form)."""
   del stride
   x = jax.random.normal(jax.random.key(0), (tc.BATCH, size, size, cin))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, cin, cout))
@@ -62,11 +71,32 @@ def test_default_branch_gradients_equal_the_cpu_branch(kernel, stride, padding,
   grad_out = jax.random.normal(jax.random.key(2),
                                (tc.BATCH, out_size, out_size, cout))
   # pylint: disable=protected-access
+  cpu_branch = functools.partial(fast_gradients._matmul_gradients, **options)
   branches = [jax.jit(functools.partial(fn, padding, None))(x, w, grad_out)
-              for fn in (fast_gradients._matmul_gradients,
-                         fast_gradients._xla_gradients)]
+              for fn in (cpu_branch, fast_gradients._xla_gradients)]
   for cpu, default in zip(*branches, strict=True):
     np.testing.assert_allclose(cpu, default, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('height,width', [(8, 8), (7, 9)])
+def test_max_pool_matches_flax_value_and_gradient_with_ties(height, width):
+  """Values from {0, 1, 2} tie often: like `nn.max_pool` (and PyTorch's
+  max_pool2d), each window's gradient goes to its first maximum in
+  row-major order; an odd last row or column gets none."""
+  x = jax.random.randint(jax.random.key(5), (tc.BATCH, height, width, 3), 0,
+                         3).astype(jnp.float32)
+  weights = jax.random.normal(jax.random.key(6),
+                              (tc.BATCH, height // 2, width // 2, 3))
+
+  def loss(pool):
+    return jax.jit(jax.value_and_grad(lambda x: jnp.sum(weights * pool(x))))
+
+  value, grad = loss(fast_gradients.max_pool_2x2)(x)
+  want_value, want_grad = loss(
+      lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)))(x)
+  np.testing.assert_array_equal(value, want_value)
+  np.testing.assert_array_equal(grad, want_grad)
+  assert np.count_nonzero(grad) == weights.size  # one position per window
 
 
 def test_take_channels_matches_numpy_value_and_gradient():
@@ -99,6 +129,24 @@ def test_cpu_kernel_gradient_avoids_the_window_convolution():
                   if 'convolution(' in line and 'window={size=16x16' in line]
   assert not window_convs
   assert 'dot(' in hlo or 'dot_general' in hlo or '__ynn_fusion' in hlo
+
+
+def test_flax_default_padding_takes_the_fast_paths():
+  """Flax passes its default padding as the string 'SAME': the 1x1 conv
+  (the UNet's and Swin-UNet's output layers) is still one matrix product and
+  the 3x3 kernel gradient still matrix products, so the compiled gradient
+  holds no convolution at all."""
+  x = jnp.zeros((2, 16, 16, 4))
+  for kernel in ((1, 1), (3, 3)):
+    layer = fast_gradients.Conv(8, kernel, use_bias=False)
+    variables = layer.init(jax.random.key(0), x)
+    hlo = jax.jit(jax.grad(lambda v, x: jnp.sum(layer.apply(v, x) ** 2),
+                           argnums=(0, 1))).lower(variables, x).compile()
+    backward = [line for line in hlo.as_text().splitlines()
+                if 'convolution(' in line and 'window={size=16x16' in line]
+    assert not backward, kernel
+    if kernel == (1, 1):
+      assert 'convolution(' not in hlo.as_text()
 
 
 def test_flax_conv_with_it_keeps_parameter_layout():

@@ -4,14 +4,16 @@ Each function here computes what the plain JAX call it stands in for computes;
 only the program XLA runs differs. The tricks, the platforms they apply to and
 the items of benchmarks/NOTES.md that measure them:
 
-- Kernel gradient of a stride-1 convolution as kh*kw matrix products of
-  shifted input windows with the output gradient (`conv_general_dilated`, in
-  `Conv`). XLA:CPU only, selected by `lax.platform_dependent`; elsewhere XLA's
-  own gradient (cuDNN's is fast). XLA:CPU lowers the kernel gradient of a 3x3
-  "same" convolution to a convolution with an image-sized window on a slow
-  generic path (items 2-4).
+- Kernel gradient of a stride-1 convolution as matrix products of shifted
+  input windows with the output gradient, in a loop over bands of output
+  rows for narrow layers (`conv_general_dilated`, in `Conv`). XLA:CPU only,
+  selected by `lax.platform_dependent`; elsewhere XLA's own gradient (cuDNN's
+  is fast). XLA:CPU lowers the kernel gradient of a 3x3 "same" convolution to
+  a convolution with an image-sized window on a slow generic path (items 2-4,
+  27, 28).
 - Convolutions whose stride equals their kernel (patch embedding, 1x1) as a
-  reshape and one matrix product (`conv_general_dilated`). All platforms: on
+  reshape and one matrix product (`conv_general_dilated`; Flax's 'SAME' and
+  'VALID' paddings are resolved to pairs first, item 28). All platforms: on
   XLA:CPU it removes the slow kernel gradient from the Swin-UNet's patch
   embedding and output convolution and the UNet's `outc` (item 6); it is the
   same product on any backend, and the H200 figures of NOTES were measured
@@ -19,6 +21,11 @@ the items of benchmarks/NOTES.md that measure them:
 - A channel gather whose gradient is the gather of the output gradient by the
   inverse index, not a scatter-add (`take_channels`). All platforms:
   scatter-add is slow on XLA:CPU (item 8) and on an H200 (item 18).
+- 2x2 max-pooling as a maximum over a reshaped array, with a gradient that
+  gives each window's output gradient to its first maximum in row-major
+  order, as PyTorch's max_pool2d does (`max_pool_2x2`). All platforms: on
+  XLA:CPU `nn.max_pool`'s gradient is a reduce-window carrying index arrays,
+  twice as slow (NOTES item 28).
 - The gathered channels materialised by an `optimization_barrier`
   (`take_channels`), so XLA does not fuse the gather into the reductions over
   it. XLA:CPU only, selected by `lax.platform_dependent`: those fusions were
@@ -45,11 +52,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   Parameters and results are those of `lax.conv_general_dilated`.
   """
   kernel = rhs.shape[:-2]
-  plain = (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-           == NHWC and feature_group_count == 1 and not kwargs
+  nhwc = (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+          == NHWC)
+  if nhwc and isinstance(padding, str):  # Flax passes 'SAME' and 'VALID' on
+    padding = lax.padtype_to_pads(lhs.shape[1:-1], kernel, window_strides,
+                                  padding)
+  plain = (nhwc and feature_group_count == 1 and not kwargs
            and all(d == 1 for d in lhs_dilation or (1,))
-           and all(d == 1 for d in rhs_dilation or (1,))
-           and not isinstance(padding, str))
+           and all(d == 1 for d in rhs_dilation or (1,)))
   if (plain and tuple(window_strides) == kernel
       and all(lo == hi == 0 for lo, hi in padding)
       and all(n % k == 0 for n, k in zip(lhs.shape[1:-1], kernel))):
@@ -96,27 +106,86 @@ def _xla_gradients(padding, precision, lhs, rhs, grad_out):
   return vjp(grad_out)
 
 
-def _matmul_gradients(padding, precision, lhs, rhs, grad_out):
-  """(grad lhs, grad rhs): XLA's input gradient, the kernel gradient as
-  kh*kw matrix products (B*H'*W', C)^T x (B*H'*W', O) accumulated in fp32."""
-  kh, kw = rhs.shape[:2]
+# The kernel gradient loops over bands of output rows for kernels of at most
+# this many elements (narrow layers, whose whole-batch products are slow),
+# with bands of shifted windows of at most _BAND_ELEMENTS (NOTES item 28).
+_BANDED_KERNEL_ELEMENTS = 2 ** 18
+_BAND_ELEMENTS = 2 ** 20
+
+
+def _matmul_gradients(padding, precision, lhs, rhs, grad_out,
+                      banded_kernel_elements=_BANDED_KERNEL_ELEMENTS,
+                      band_elements=_BAND_ELEMENTS):
+  """(grad lhs, grad rhs): XLA's input gradient, and the kernel gradient as
+  matrix products accumulated in fp32.
+
+  Narrow layers (at most banded_kernel_elements kernel elements) loop over
+  bands of `rows` output rows: the kw column shifts of the padded input band
+  are concatenated along channels (B, rows + kh - 1, W', kw * C), in cache,
+  and each of its kh row offsets is one product per image with the band's
+  output gradient, (rows * W', O)^T x (rows * W', kw * C). The sums stay per
+  image until after the loop, so that with the batch sharded over devices
+  nothing is communicated in it. Wider layers take kh * kw whole-batch
+  products (B * H' * W', C)^T x (B * H' * W', O) of shifted windows.
+  """
+  kh, kw, channels, out = rhs.shape
   flipped = jnp.flip(rhs, (0, 1)).swapaxes(2, 3)
   grad_lhs = _xla_conv(grad_out, flipped,
                        [(k - 1 - lo, k - 1 - hi)
                         for k, (lo, hi) in zip((kh, kw), padding)],
                        precision)
   padded = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
-  out_h, out_w = grad_out.shape[1:3]
-  flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-  rows = []
-  for i in range(kh):
-    rows.append(jnp.stack([
+  if rhs.size <= banded_kernel_elements:
+    grad_rhs = _banded_kernel_gradient(padded, grad_out, kh, kw, precision,
+                                       band_elements)
+  else:
+    grad_rhs = _whole_kernel_gradient(padded, grad_out, kh, kw, precision)
+  return grad_lhs, grad_rhs.astype(rhs.dtype)
+
+
+def _whole_kernel_gradient(padded, grad_out, kh, kw, precision):
+  """(kh, kw, C, O) from kh * kw whole-batch products, fp32."""
+  batch, out_h, out_w, out = grad_out.shape
+  flat_grad = grad_out.reshape(-1, out)
+  return jnp.stack([jnp.stack([
+      lax.dot_general(
+          padded[:, i:i + out_h, j:j + out_w].reshape(-1, padded.shape[-1]),
+          flat_grad, (((0,), (0,)), ((), ())), precision=precision,
+          preferred_element_type=jnp.float32)
+      for j in range(kw)]) for i in range(kh)])
+
+
+def _banded_kernel_gradient(padded, grad_out, kh, kw, precision,
+                            band_elements):
+  """(kh, kw, C, O) from products over bands of output rows, fp32."""
+  batch, out_h, out_w, out = grad_out.shape
+  channels = padded.shape[-1]
+  rows = _band_rows(out_h, batch * out_w * kw * channels, band_elements)
+
+  def add_band(band, totals):
+    first = band * rows
+    window = lax.dynamic_slice_in_dim(padded, first, rows + kh - 1, axis=1)
+    grad = lax.dynamic_slice_in_dim(grad_out, first, rows, axis=1).reshape(
+        batch, rows * out_w, out)
+    shifted = jnp.concatenate([window[:, :, j:j + out_w] for j in range(kw)],
+                              -1)
+    return totals + jnp.stack([
         lax.dot_general(
-            padded[:, i:i + out_h, j:j + out_w].reshape(-1, lhs.shape[-1]),
-            flat_grad, (((0,), (0,)), ((), ())), precision=precision,
+            grad, shifted[:, i:i + rows].reshape(batch, -1, kw * channels),
+            (((1,), (1,)), ((0,), (0,))), precision=precision,
             preferred_element_type=jnp.float32)
-        for j in range(kw)]))
-  return grad_lhs, jnp.stack(rows).astype(rhs.dtype)
+        for i in range(kh)], axis=1)
+
+  totals = lax.fori_loop(0, out_h // rows, add_band,
+                         jnp.zeros((batch, kh, out, kw * channels), jnp.float32))
+  return totals.sum(0).reshape(kh, out, kw, channels).transpose(0, 2, 3, 1)
+
+
+def _band_rows(height: int, row_elements: int, band_elements: int) -> int:
+  """The most rows, a divisor of height, with rows * row_elements <=
+  band_elements (at least 1)."""
+  return max(r for r in range(1, height + 1)
+             if height % r == 0 and (r == 1 or r * row_elements <= band_elements))
 
 
 def _stride1_conv_bwd(padding, precision, residuals, grad_out):
@@ -128,6 +197,47 @@ def _stride1_conv_bwd(padding, precision, residuals, grad_out):
 
 
 _stride1_conv.defvjp(_stride1_conv_fwd, _stride1_conv_bwd)
+
+
+def _windows_2x2(x: jax.Array) -> jax.Array:
+  """(B, H, W, C) -> (B, H//2, 2, W//2, 2, C); an odd last row or column is
+  dropped, as by a VALID 2x2 pooling."""
+  b, h, w, c = x.shape
+  return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """`nn.max_pool(x, (2, 2), strides=(2, 2))`: (B, H, W, C) -> (B, H//2,
+  W//2, C), with the same gradient (all of it to the first maximum of each
+  window in row-major order)."""
+  return _windows_2x2(x).max(axis=(2, 4))
+
+
+def _max_pool_2x2_fwd(x):
+  pooled = max_pool_2x2(x)
+  return pooled, (x, pooled)
+
+
+def _max_pool_2x2_bwd(residuals, grad):
+  x, pooled = residuals
+  windows = _windows_2x2(x)
+  at_max = windows == pooled[:, :, None, :, None]
+  # Row-major positions (0, 0), (0, 1), (1, 0), (1, 1) of each window.
+  positions = [at_max[:, :, i, :, j] for i in (0, 1) for j in (0, 1)]
+  taken = jnp.zeros_like(positions[0])
+  grads = []
+  for position in positions:
+    grads.append(jnp.where(position & ~taken, grad, 0).astype(grad.dtype))
+    taken = taken | position
+  b, h, w, c = x.shape
+  window_grads = jnp.stack(grads, axis=3).reshape(b, h // 2, w // 2, 2, 2, c)
+  grad_x = window_grads.transpose(0, 1, 3, 2, 4, 5).reshape(
+      b, h // 2 * 2, w // 2 * 2, c)
+  return (jnp.pad(grad_x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 def _materialised_on_cpu(x: jax.Array) -> jax.Array:

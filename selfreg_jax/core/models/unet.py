@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfreg_jax.core.models.batch_norm import BatchNorm
-from selfreg_jax.core.models.fast_gradients import Conv
+from selfreg_jax.core.models.fast_gradients import Conv, max_pool_2x2
 from selfreg_jax.core.models.features import Features
 
 # The down stages' 2x2 max-pools (rounding down) must leave the bottleneck at
@@ -75,7 +75,7 @@ class Down(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = max_pool_2x2(x)
     return DoubleConv(self.features, dtype=self.dtype)(x, train)
 
 
