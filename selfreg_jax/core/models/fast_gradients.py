@@ -145,7 +145,7 @@ def _matmul_gradients(padding, precision, lhs, rhs, grad_out,
 
 def _whole_kernel_gradient(padded, grad_out, kh, kw, precision):
   """(kh, kw, C, O) from kh * kw whole-batch products, fp32."""
-  batch, out_h, out_w, out = grad_out.shape
+  _, out_h, out_w, out = grad_out.shape
   flat_grad = grad_out.reshape(-1, out)
   return jnp.stack([jnp.stack([
       lax.dot_general(
