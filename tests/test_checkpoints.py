@@ -328,3 +328,31 @@ def test_the_stored_config_equals_the_saved_one_tuples_included(tmp_path):
   checkpoints.write_variables(tmp_path, {'params': {'w': np.zeros(2)}},
                               config, step=5)
   assert checkpoints.stored_config(tmp_path).to_dict() == config.to_dict()
+
+
+_WRITE_PAST_FILE_SIZE_LIMIT = """
+import signal, sys
+import numpy as np
+import tensorstore as ts
+from selfreg_jax.core import checkpoints
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+try:
+  store = ts.open({'driver': 'zarr3',
+                   'kvstore': {'driver': 'file', 'path': sys.argv[1]},
+                   'metadata': {'shape': [1 << 20], 'data_type': 'float32'}},
+                  create=True).result()
+  store.write(np.ones(1 << 20, np.float32)).result()
+except ValueError as e:
+  print(checkpoints._reason(e))  # pylint: disable=protected-access
+"""
+
+
+def test_a_failed_write_is_reported_by_the_os_reason_first(tmp_path):
+  """The report starts with the OS's reason, whatever the cut to one line
+  keeps of TensorStore's long message (a CI run's report once lost it)."""
+  path = tmp_path / ('deep' * 40) / ('er' * 60)
+  run = subprocess.run(
+      ['prlimit', '--fsize=65536', sys.executable, '-c',
+       _WRITE_PAST_FILE_SIZE_LIMIT, str(path)],
+      capture_output=True, text=True, cwd=ROOT, check=True, timeout=300)
+  assert run.stdout.startswith(f'{os.strerror(27)} ('), run.stdout

@@ -27,6 +27,7 @@ import functools
 import logging as std_logging
 import os
 import pathlib
+import re
 import shutil
 import sys
 from typing import Any, Collection, Mapping, Sequence
@@ -52,6 +53,8 @@ EPOCH_PREFIX = 'epoch:'
 # Reasons quoted from orbax / TensorStore errors are cut to about this many
 # characters (their messages can embed whole TensorStore specs).
 _MAX_REASON_CHARS = 300
+# TensorStore tags an OS failure with its errno, e.g. [os_error_code='27'].
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
 
 
 class CheckpointError(Exception):
@@ -234,7 +237,8 @@ def write_variables(workdir: str | pathlib.Path, variables: Any,
 
 
 def _reason(error: BaseException) -> str:
-  """The first line of an error's root cause, cut short, for one-line reports.
+  """The first line of an error's root cause, cut short, for one-line reports,
+  led by the OS's reason where the cause is an OS failure.
 
   The root cause is the most precise: orbax wraps TensorStore's 'Requested
   byte range [399747, 403996) is not valid for value of size 270578' into
@@ -243,11 +247,18 @@ def _reason(error: BaseException) -> str:
   while error.__cause__ is not None or (
       error.__context__ is not None and not error.__suppress_context__):
     error = error.__cause__ or error.__context__
-  lines = str(error).strip().splitlines()
+  message = str(error).strip()
+  lines = message.splitlines()
   text = f'{type(error).__name__}: {lines[0] if lines else ""}'
-  if len(text) > _MAX_REASON_CHARS:  # TensorStore ends with the OS's reason.
+  if len(text) > _MAX_REASON_CHARS:
     half = _MAX_REASON_CHARS // 2
     text = f'{text[:half]} ... {text[-half:]}'
+  # Long paths may push the OS's words out of the cut: say them first.
+  if isinstance(error, OSError) and error.strerror:
+    return f'{error.strerror} ({text})'
+  code = _OS_ERROR_CODE.search(message)
+  if code:
+    return f'{os.strerror(int(code.group(1)))} ({text})'
   return text
 
 
