@@ -238,7 +238,7 @@ def write_variables(workdir: str | pathlib.Path, variables: Any,
 
 def _reason(error: BaseException) -> str:
   """The first line of an error's root cause, cut short, for one-line reports,
-  led by the OS's reason where the cause is an OS failure.
+  led by the OS's reason where TensorStore gives its error code.
 
   The root cause is the most precise: orbax wraps TensorStore's 'Requested
   byte range [399747, 403996) is not valid for value of size 270578' into
@@ -253,9 +253,8 @@ def _reason(error: BaseException) -> str:
   if len(text) > _MAX_REASON_CHARS:
     half = _MAX_REASON_CHARS // 2
     text = f'{text[:half]} ... {text[-half:]}'
-  # Long paths may push the OS's words out of the cut: say them first.
-  if isinstance(error, OSError) and error.strerror:
-    return f'{error.strerror} ({text})'
+  # TensorStore puts the OS's words after two long paths, where the cut may
+  # lose them; an OSError's message starts with them already.
   code = _OS_ERROR_CODE.search(message)
   if code:
     return f'{os.strerror(int(code.group(1)))} ({text})'
