@@ -2,11 +2,14 @@
 
 Times are wall-clock seconds (`time.perf_counter`) of calls whose outputs
 are waited for (`jax.block_until_ready`); compilation is timed apart from the
-runs, and a run time is the median of several runs after warm-up.
+runs, and a run time is the median of several runs after warm-up. Beside
+them, `host_clock` reads the host's share: the process's system time and the
+hypervisor's steal, which make a virtual machine's step times scatter.
 """
 
 import json
 import os
+import resource
 import statistics
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -108,6 +111,37 @@ def timed_call(fn: Callable[..., Any], *args) -> tuple[float, Any]:
   start = time.perf_counter()
   output = jax.block_until_ready(fn(*args))
   return time.perf_counter() - start, output
+
+
+class HostClock(NamedTuple):
+  """Seconds so far: this process's system CPU time, and the CPU time a
+  hypervisor gave to other guests, summed over this machine's CPUs (Linux's
+  /proc/stat; None where there is none)."""
+  system_s: float
+  steal_s: float | None
+
+
+def host_clock() -> HostClock:
+  """The host's clocks now; subtract two readings for a call's share.
+
+  On XLA:CPU most of a step's system time is the kernel faulting in and
+  zeroing the step's fresh temporary buffer (NOTES.md items 11 and 30).
+  """
+  system_s = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+  try:
+    with open('/proc/stat', encoding='ascii') as stat:
+      fields = stat.readline().split()  # cpu user nice system idle ... steal
+    steal_s = int(fields[8]) / os.sysconf('SC_CLK_TCK')
+  except (OSError, IndexError, ValueError):
+    steal_s = None
+  return HostClock(system_s, steal_s)
+
+
+def host_seconds(start: HostClock, end: HostClock) -> HostClock:
+  """The host's seconds between two readings of `host_clock`."""
+  steal_s = (None if start.steal_s is None or end.steal_s is None
+             else end.steal_s - start.steal_s)
+  return HostClock(end.system_s - start.system_s, steal_s)
 
 
 def median(times: Sequence[float]) -> float:

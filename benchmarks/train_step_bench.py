@@ -62,19 +62,24 @@ def measure_pair(name: str, batch_size: int, dtype: str,
   is up to 1.5 s slower (measured, Swin-UNet batch 4), a cost a training
   loop, which repeats one program, does not pay. Then each runs
   `settings.runs` steps back to back (`back_to_back_s`, their mean).
+  `system_s` and `steal_s` are the medians of the host's share of the timed
+  steps (`timing.host_clock`).
   """
   steps = [compiled_step(name, batch_size, dtype, selfreg, settings)
            for selfreg in (False, True)]
   args = [step.args for step in steps]
-  times = [[], []]
+  times, host = [[], []], [[], []]
   for _ in range(settings.runs):
     for index, step in enumerate(steps):
       for timed in (False, True):
+        host_start = timing.host_clock()
         seconds, output = timing.timed_call(step.compiled.executable,
                                             *args[index])
+        host_seconds = timing.host_seconds(host_start, timing.host_clock())
         args[index] = _next_args(output, args[index])
         if timed:
           times[index].append(seconds)
+          host[index].append(host_seconds)
   back_to_back = []
   for index, step in enumerate(steps):
     seconds, args[index] = timing.back_to_back_seconds(
@@ -82,15 +87,18 @@ def measure_pair(name: str, batch_size: int, dtype: str,
         next_args=_next_args)
     back_to_back.append(seconds)
   records = []
-  for step, selfreg, runs, back_to_back_s in zip(steps, (False, True), times,
-                                                 back_to_back):
+  for step, selfreg, runs, step_hosts, back_to_back_s in zip(
+      steps, (False, True), times, host, back_to_back):
     step_s, flops = timing.median(runs), step.compiled.flops
+    steals = [h.steal_s for h in step_hosts]
     records.append({
         'suite': SUITE, **model_setup.describe(step.setup.config),
         'batch': batch_size, 'selfreg': selfreg,
         'compile_s': step.compiled.compile_s,
         'median_s': step_s, 'runs_s': runs,
         'images_per_s': batch_size / step_s,
+        'system_s': timing.median([h.system_s for h in step_hosts]),
+        'steal_s': None if None in steals else timing.median(steals),
         'back_to_back_s': back_to_back_s,
         'back_to_back_images_per_s': batch_size / back_to_back_s,
         'gflop': None if flops is None else flops / 1e9,
@@ -122,7 +130,10 @@ def summary_line(record: dict[str, Any]) -> str:
           f"({record['back_to_back_images_per_s']:.1f} back to back), "
           f"{record['gflop_per_s'] or float('nan'):8.1f} GFLOP/s, XLA memory "
           f"{timing.format_bytes(memory.get('total_bytes'))}, process peak "
-          f"{timing.format_bytes(record['device_peak_bytes'])}")
+          f"{timing.format_bytes(record['device_peak_bytes'])}, host per step "
+          f"system {record['system_s']:.2f} s, steal "
+          + ('n/a' if record['steal_s'] is None
+             else f"{record['steal_s']:.2f} s"))
   if 'selfreg_overhead_pct' in record:
     line += f", SelfReg overhead {record['selfreg_overhead_pct']:+.1f}%"
   return line

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import numpy
 import pytest
 
 from benchmarks import run as bench_run
@@ -76,6 +77,8 @@ def test_smoke_run_writes_every_suite(tmp_path):
     assert f'[{name}]' in stdout
     for record in by_suite[name]:
       assert_positive_finite(record, fields)
+  assert sum('host per step system' in line
+             for line in stdout.splitlines()) == len(by_suite['train_step'])
   # One readable line per measurement.
   assert sum(line.startswith('  ') for line in stdout.splitlines()) == len(
       records)
@@ -86,6 +89,10 @@ def test_smoke_run_writes_every_suite(tmp_path):
         MODEL, settings.SMOKE_BATCH, 'float32')
     assert len(record['runs_s']) == settings.SMOKE_TIMED_RUNS
     assert record['xla_memory']['total_bytes'] > 0
+    # The host's share of a step: system time, and steal where /proc/stat is.
+    assert record['system_s'] >= 0
+    assert (record['steal_s'] is None) == (not os.path.exists('/proc/stat'))
+    assert record['steal_s'] is None or record['steal_s'] >= 0
     assert record['device_peak_bytes'] is None or record[
         'device_peak_bytes'] > 0
   assert (baseline['selfreg'], selfreg['selfreg']) == (False, True)
@@ -169,3 +176,17 @@ def test_back_to_back_calls_chain_their_arguments_and_wait_for_the_last():
   with pytest.raises(ValueError, match='calls must be >= 1'):
     timing.back_to_back_seconds(step, args, calls=0,
                                 next_args=lambda output, args: (output,))
+
+
+def test_host_clock_counts_the_kernel_work_of_fresh_memory():
+  # Writing 256 MiB of freshly mapped memory makes the kernel fault in and
+  # zero it: the process's system time grows, as it does on every XLA:CPU
+  # step with a fresh temporary buffer.
+  start = timing.host_clock()
+  numpy.ones(2 ** 26, numpy.float32)
+  elapsed = timing.host_seconds(start, timing.host_clock())
+  assert elapsed.system_s > 0
+  if os.path.exists('/proc/stat'):
+    assert elapsed.steal_s >= 0
+  else:
+    assert elapsed.steal_s is None
