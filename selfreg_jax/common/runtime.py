@@ -6,12 +6,12 @@ nothing. The measurements behind each setting are in benchmarks/NOTES.md.
 
 - XLA:CPU's memory-minimising op order instead of its concurrency-optimised
   scheduler (`--xla_cpu_enable_concurrency_optimized_scheduler=false` in
-  XLA_FLAGS; NOTES item 11): XLA:CPU allocates an executable's temporary
+  XLA_FLAGS; NOTES item 20): XLA:CPU allocates an executable's temporary
   buffer afresh on every run, and this order makes the full-size UNet step's
   buffer about 3x smaller, and the step faster. Added only where no GPU or TPU
   plugin of JAX is installed, and not where XLA_FLAGS already names the
   option. XLA reads XLA_FLAGS when JAX starts its backends.
-- glibc's `glibc.malloc.hugetlb=1` tunable (NOTES item 20): malloc then asks
+- glibc's `glibc.malloc.hugetlb=1` tunable (NOTES item 11): malloc then asks
   for transparent huge pages for those buffers, so the kernel faults in and
   zeroes 2 MiB pages instead of 4 KiB ones every step. glibc reads tunables
   only at process start, so the process restarts itself once with it. Set
