@@ -75,11 +75,11 @@ def measure_pair(name: str, batch_size: int, dtype: str,
         host_start = timing.host_clock()
         seconds, output = timing.timed_call(step.compiled.executable,
                                             *args[index])
-        host_seconds = timing.host_seconds(host_start, timing.host_clock())
+        step_host = timing.host_seconds(host_start, timing.host_clock())
         args[index] = _next_args(output, args[index])
         if timed:
           times[index].append(seconds)
-          host[index].append(host_seconds)
+          host[index].append(step_host)
   back_to_back = []
   for index, step in enumerate(steps):
     seconds, args[index] = timing.back_to_back_seconds(
