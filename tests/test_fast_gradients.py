@@ -116,6 +116,32 @@ def test_take_channels_matches_numpy_value_and_gradient():
   np.testing.assert_array_equal(grad, expected_grad)
 
 
+def test_matrix_dot_general_dense_matches_plain_dense_and_its_gradients():
+  """A Dense layer on windowed tokens (B, nH, nW, N, C), as in Swin-UNet:
+  the same parameters, value and gradients as `nn.Dense` with XLA's own
+  `dot_general`."""
+  x = jax.random.normal(jax.random.key(5), (tc.BATCH, 2, 3, 4, 6))
+  plain = nn.Dense(5)
+  ours = nn.Dense(5, dot_general=fast_gradients.matrix_dot_general)
+  variables = plain.init(jax.random.key(6), x)
+  assert (jax.tree.map(jnp.shape, ours.init(jax.random.key(6), x))
+          == jax.tree.map(jnp.shape, variables))
+
+  def loss(layer):
+    return jax.jit(jax.value_and_grad(
+        lambda v, x: jnp.sum(jnp.sin(layer.apply(v, x))), argnums=(0, 1)))
+
+  got, want = loss(ours)(variables, x), loss(plain)(variables, x)
+  for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-5)
+
+
+def test_matrix_dot_general_rejects_other_contractions():
+  with pytest.raises(ValueError, match='last axis of lhs'):
+    fast_gradients.matrix_dot_general(jnp.ones((2, 3, 4)), jnp.ones((3, 5)),
+                                      (((1,), (0,)), ((), ())))
+
+
 def test_cpu_kernel_gradient_avoids_the_window_convolution():
   """On CPU the 3x3 kernel gradient is matrix products, not a big-window
   convolution (the slow XLA:CPU path this module exists to avoid)."""

@@ -73,6 +73,18 @@ def test_swin_output_and_tap_shapes(size):
   assert not np.allclose(features.encoder[0], features.encoder_first[0])
 
 
+def test_swin_logits_are_the_output_conv_of_the_final_map():
+  """The model applies its 1x1 output convolution before the final pixel
+  shuffle; by definition the logits are that convolution of the final map."""
+  size = tc.IMAGE_SIZES[0]
+  model = create_model(tc.tiny_swin(size))
+  variables = _init(model, size)
+  logits, features = _apply(model, variables, _images(size))
+  kernel = variables['params']['output']['kernel'][0, 0]  # (C, classes)
+  np.testing.assert_allclose(logits, np.asarray(features.final) @ kernel,
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_unet_handles_odd_sizes_like_pytorch_unet():
   model = create_model(tc.tiny_unet())
   size = tc.IMAGE_SIZES[0] + 2  # not divisible by 16: upsampled maps get padded

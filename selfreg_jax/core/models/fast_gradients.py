@@ -26,6 +26,12 @@ the items of benchmarks/NOTES.md that measure them:
   order, as PyTorch's max_pool2d does (`max_pool_2x2`). All platforms: on
   XLA:CPU `nn.max_pool`'s gradient is a reduce-window carrying index arrays,
   twice as slow (NOTES item 28).
+- A dense layer's product over its input viewed as a matrix
+  (`matrix_dot_general`, the `dot_general` of the Swin-UNet's `nn.Dense`
+  layers). All platforms: over the (B, nH, nW, N, C) windows the kernel
+  gradient contracts five axes, which XLA:CPU lowers to a transposed copy of
+  both operands first; over (B*nH*nW*N, C) it is one product of the arrays as
+  they lie (item 31).
 - The gathered channels materialised by an `optimization_barrier`
   (`take_channels`), so XLA does not fuse the gather into the reductions over
   it. XLA:CPU only, selected by `lax.platform_dependent`: those fusions were
@@ -197,6 +203,19 @@ def _stride1_conv_bwd(padding, precision, residuals, grad_out):
 
 
 _stride1_conv.defvjp(_stride1_conv_fwd, _stride1_conv_bwd)
+
+
+def matrix_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                       preferred_element_type=None):
+  """`lax.dot_general` of `nn.Dense`: lhs (..., C) times rhs (C, O), with lhs
+  flattened to (prod(...), C) for the product; -> (..., O)."""
+  if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())):
+    raise ValueError('matrix_dot_general contracts the last axis of lhs with '
+                     f'the first of rhs only, got {dimension_numbers}.')
+  product = lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs,
+                            (((1,), (0,)), ((), ())), precision=precision,
+                            preferred_element_type=preferred_element_type)
+  return product.reshape(lhs.shape[:-1] + rhs.shape[1:])
 
 
 def _windows_2x2(x: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfreg_jax.core.models.fast_gradients import Conv
+from selfreg_jax.core.models.fast_gradients import Conv, matrix_dot_general
 from selfreg_jax.core.models.features import Features
 from selfreg_jax.core.models.unet import torch_conv_init
 
@@ -126,7 +126,8 @@ def layer_norm(dtype, name=None):
 
 def dense(features, dtype, use_bias=True, name=None):
   return nn.Dense(features, use_bias=use_bias, dtype=dtype,
-                  kernel_init=dense_init, name=name)
+                  kernel_init=dense_init, dot_general=matrix_dot_general,
+                  name=name)
 
 
 class WindowAttention(nn.Module):
@@ -254,16 +255,25 @@ class PatchMerging(nn.Module):
     return dense(2 * dim, self.dtype, use_bias=False, name='reduction')(x)
 
 
+def pixel_shuffle(x: jax.Array) -> jax.Array:
+  """(B, H, W, s, s, C) -> (B, sH, sW, C): pixel (i, j) of cell (h, w) goes
+  to (s*h + i, s*w + j)."""
+  b, h, w, s, _, c = x.shape
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s, c)
+
+
 class PatchExpand(nn.Module):
   """(B, H, W, C) -> (B, sH, sW, out_dim): Linear, pixel shuffle, LN.
 
   The LayerNorm normalises each output pixel's out_dim channels, so it runs
   before the shuffle (same result): fused with the shuffle's transpose it
-  was XLA:CPU's slowest op of the whole Swin-UNet step.
+  was XLA:CPU's slowest op of the whole Swin-UNet step. With shuffled=False
+  the result is left unshuffled, (B, H, W, s, s, out_dim).
   """
   scale: int
   out_dim: int
   dtype: Any = jnp.float32
+  shuffled: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -272,8 +282,7 @@ class PatchExpand(nn.Module):
     x = dense(s * s * self.out_dim, self.dtype, use_bias=False,
               name='expand')(x)
     x = layer_norm(self.dtype, 'norm')(x.reshape(b, h, w, s, s, self.out_dim))
-    x = x.transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h * s, w * s, self.out_dim)
+    return pixel_shuffle(x) if self.shuffled else x
 
 
 class SwinUNet(nn.Module):
@@ -368,10 +377,15 @@ class SwinUNet(nn.Module):
         x = PatchExpand(2, dim // 2, self.dtype,
                         name=f'layers_up_{i}_upsample')(x)
     x = layer_norm(self.dtype, 'norm_up')(x)
-    final = PatchExpand(self.patch_size, self.embed_dim, self.dtype,
-                        name='up')(x)
-    logits = Conv(self.num_classes, (1, 1), use_bias=False, dtype=self.dtype,
-                  kernel_init=torch_conv_init, name='output')(final)
+    pixels = PatchExpand(self.patch_size, self.embed_dim, self.dtype,
+                         shuffled=False, name='up')(x)
+    final = pixel_shuffle(pixels)
+    # The 1x1 output convolution acts on each pixel alone, so it runs before
+    # the shuffle, which then moves num_classes channels, not embed_dim, and
+    # a step whose loss does not read `final` never forms it (item 31).
+    logits = pixel_shuffle(Conv(self.num_classes, (1, 1), use_bias=False,
+                                dtype=self.dtype, kernel_init=torch_conv_init,
+                                name='output')(pixels))
     features = Features(encoder=tuple(encoder), decoder=tuple(decoder),
                         final=final, encoder_first=tuple(encoder_first),
                         decoder_first=tuple(decoder_first))
