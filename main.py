@@ -31,6 +31,7 @@ from selfreg_jax import train
 from selfreg_jax.common import cli
 from selfreg_jax.common import distributed
 from selfreg_jax.core import checkpoints
+from selfreg_jax.core import configuration
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
@@ -45,6 +46,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   distributed.initialize()
+  # A config mistake is reported before the demo data is built.
+  configuration.validate(FLAGS.config, FLAGS.mode)
   build.ensure_demo_dataset(FLAGS.config.dataset)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.mode,

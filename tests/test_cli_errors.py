@@ -20,7 +20,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROBE_TIMEOUT_S = 600
 # Probe name -> (arguments of `python`, the one line it must print on stderr),
 # both formatted with {tmp}: the probes' own temporary folder. Nothing may
-# appear under {tmp}/out.
+# appear under {tmp}/out. A probe with data_dir {tmp}/data meets its mistake
+# where the demo data is not built yet: it must be told before any building.
 PROBES = {
     'main_unknown_key': (
         ['main.py', '--config=configs/demo.py', '--workdir={tmp}/out',
@@ -28,7 +29,8 @@ PROBES = {
         "error: unknown config key 'batch_szie' (did you mean 'batch_size'?)"),
     'main_bad_value': (
         ['main.py', '--config=configs/demo.py', '--workdir={tmp}/out',
-         '--config.optimizer.learning_rate=inf'],
+         '--config.optimizer.learning_rate=inf',
+         '--config.dataset.data_dir={tmp}/data'],  # as if never built
         'error: config.optimizer.learning_rate=inf must be a finite number.'),
     'sweep_unknown_grid_key': (
         ['-m', 'selfreg_jax.tools.sweep', '--config=configs/demo.py',
@@ -43,7 +45,8 @@ PROBES = {
         "error: unknown config key 'model.nme' (did you mean 'model.name'?)"),
     'analysis_without_checkpoint': (
         ['-m', 'selfreg_jax.tools.analysis', '--config=configs/demo.py',
-         '--workdir={tmp}/out', '--case=test_000'],
+         '--workdir={tmp}/out', '--case=test_000',
+         '--config.dataset.data_dir={tmp}/data'],
         'error: No checkpoint in {tmp}/out/checkpoints: train first or '
         'convert a PyTorch checkpoint into it.'),
     'report_without_runs': (
@@ -84,6 +87,7 @@ def test_user_mistake_gives_one_error_line_and_status_2(probe_results, name):
   assert result.returncode == cli.EXIT_USER_ERROR, result.stderr[-3000:]
   assert result.stderr.splitlines() == [PROBES[name][1].format(tmp=tmp)]
   assert not (tmp / 'out').exists()
+  assert not (tmp / 'data').exists()
 
 
 @pytest.mark.parametrize('key,message', [

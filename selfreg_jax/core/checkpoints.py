@@ -163,6 +163,13 @@ def create_manager(workdir: str | pathlib.Path, *, keep_last: int = 3,
       pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
 
 
+def missing_checkpoints_error(directory: str | pathlib.Path
+                              ) -> FileNotFoundError:
+  """The error of a command that needs a checkpoint in `directory`."""
+  return FileNotFoundError(f'No checkpoint in {directory}: train first or '
+                           'convert a PyTorch checkpoint into it.')
+
+
 def has_checkpoints(workdir: str | pathlib.Path) -> bool:
   """Whether `workdir` holds at least one finished checkpoint step."""
   if not (pathlib.Path(workdir) / CHECKPOINT_DIR).is_dir():
@@ -494,8 +501,7 @@ def select_step(manager: ocp.CheckpointManager, which: str,
   """
   steps = manager.all_steps()
   if not steps:
-    raise FileNotFoundError(f'No checkpoint in {manager.directory}: train '
-                            'first or convert a PyTorch checkpoint into it.')
+    raise missing_checkpoints_error(manager.directory)
   if which == 'latest':
     return manager.latest_step()
   if which == 'best':

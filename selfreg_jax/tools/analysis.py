@@ -58,6 +58,7 @@ from PIL import Image
 from selfreg_jax.common import cli
 from selfreg_jax.common import files
 from selfreg_jax.common import runtime
+from selfreg_jax.core import checkpoints
 from selfreg_jax.core import context
 from selfreg_jax.core import input_pipeline
 from selfreg_jax.core import outputs
@@ -390,6 +391,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not checkpoints.has_checkpoints(FLAGS.workdir):  # before opening data
+    raise checkpoints.missing_checkpoints_error(
+        pathlib.Path(FLAGS.workdir).absolute() / checkpoints.CHECKPOINT_DIR)
   ctx = context.create(FLAGS.config, 'eval', workdir=FLAGS.workdir,
                        overridden=cli.config_overrides())
   config = ctx.config
