@@ -159,8 +159,12 @@ def create_manager(workdir: str | pathlib.Path, *, keep_last: int = 3,
       read_only=read_only, create=not read_only,
       # A rerun removes what saves cut short (a full disk, a kill) left.
       cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(
-      pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+  """The absolute folder of `workdir`'s checkpoints."""
+  return pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
 
 
 def missing_checkpoints_error(directory: str | pathlib.Path
@@ -172,10 +176,16 @@ def missing_checkpoints_error(directory: str | pathlib.Path
 
 def has_checkpoints(workdir: str | pathlib.Path) -> bool:
   """Whether `workdir` holds at least one finished checkpoint step."""
-  if not (pathlib.Path(workdir) / CHECKPOINT_DIR).is_dir():
+  if not checkpoint_dir(workdir).is_dir():
     return False
   with create_manager(workdir, read_only=True) as manager:
     return bool(manager.all_steps())
+
+
+def require_checkpoints(workdir: str | pathlib.Path) -> None:
+  """Raises `missing_checkpoints_error` unless `workdir` has a checkpoint."""
+  if not has_checkpoints(workdir):
+    raise missing_checkpoints_error(checkpoint_dir(workdir))
 
 
 def _named_host_arrays(tree: Any) -> list[tuple[str, np.ndarray]]:

@@ -391,9 +391,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not checkpoints.has_checkpoints(FLAGS.workdir):  # before opening data
-    raise checkpoints.missing_checkpoints_error(
-        pathlib.Path(FLAGS.workdir).absolute() / checkpoints.CHECKPOINT_DIR)
+  checkpoints.require_checkpoints(FLAGS.workdir)  # before opening data
   ctx = context.create(FLAGS.config, 'eval', workdir=FLAGS.workdir,
                        overridden=cli.config_overrides())
   config = ctx.config

@@ -113,9 +113,10 @@ def _xla_gradients(padding, precision, lhs, rhs, grad_out):
 
 
 # The kernel gradient loops over bands of output rows for kernels of at most
-# this many elements (narrow layers, whose whole-batch products are slow),
-# with bands of shifted windows of at most _BAND_ELEMENTS (NOTES item 28).
-_BANDED_KERNEL_ELEMENTS = 2 ** 18
+# this many elements (narrow layers, whose whole-batch products are slow: up
+# to 256 x 128 channels), with bands of shifted windows of at most
+# _BAND_ELEMENTS (NOTES items 28 and 34).
+_BANDED_KERNEL_ELEMENTS = 2 ** 19
 _BAND_ELEMENTS = 2 ** 20
 
 
