@@ -159,15 +159,15 @@ def create_manager(workdir: str | pathlib.Path, *, keep_last: int = 3,
       read_only=read_only, create=not read_only,
       # A rerun removes what saves cut short (a full disk, a kill) left.
       cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  return ocp.CheckpointManager(_checkpoint_dir(workdir), options=options)
 
 
-def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+def _checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
   """The absolute folder of `workdir`'s checkpoints."""
   return pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
 
 
-def missing_checkpoints_error(directory: str | pathlib.Path
+def _missing_checkpoints_error(directory: str | pathlib.Path
                               ) -> FileNotFoundError:
   """The error of a command that needs a checkpoint in `directory`."""
   return FileNotFoundError(f'No checkpoint in {directory}: train first or '
@@ -176,16 +176,16 @@ def missing_checkpoints_error(directory: str | pathlib.Path
 
 def has_checkpoints(workdir: str | pathlib.Path) -> bool:
   """Whether `workdir` holds at least one finished checkpoint step."""
-  if not checkpoint_dir(workdir).is_dir():
+  if not _checkpoint_dir(workdir).is_dir():
     return False
   with create_manager(workdir, read_only=True) as manager:
     return bool(manager.all_steps())
 
 
 def require_checkpoints(workdir: str | pathlib.Path) -> None:
-  """Raises `missing_checkpoints_error` unless `workdir` has a checkpoint."""
+  """Raises FileNotFoundError unless `workdir` has a checkpoint."""
   if not has_checkpoints(workdir):
-    raise missing_checkpoints_error(checkpoint_dir(workdir))
+    raise _missing_checkpoints_error(_checkpoint_dir(workdir))
 
 
 def _named_host_arrays(tree: Any) -> list[tuple[str, np.ndarray]]:
@@ -511,7 +511,7 @@ def select_step(manager: ocp.CheckpointManager, which: str,
   """
   steps = manager.all_steps()
   if not steps:
-    raise missing_checkpoints_error(manager.directory)
+    raise _missing_checkpoints_error(manager.directory)
   if which == 'latest':
     return manager.latest_step()
   if which == 'best':
