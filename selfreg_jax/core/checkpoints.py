@@ -168,7 +168,7 @@ def _checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
 
 
 def _missing_checkpoints_error(directory: str | pathlib.Path
-                              ) -> FileNotFoundError:
+                               ) -> FileNotFoundError:
   """The error of a command that needs a checkpoint in `directory`."""
   return FileNotFoundError(f'No checkpoint in {directory}: train first or '
                            'convert a PyTorch checkpoint into it.')
