@@ -15,10 +15,14 @@ import tiny_configs as tc
 from selfreg_jax.core.models import fast_gradients
 
 # (kernel, stride, padding, in channels, out channels, image size): the
-# UNet's 3x3 "same" conv (even and odd sizes), 1x1 convs, the Swin patch
-# embedding, and cases that fall back to XLA (stride 2; asymmetric padding).
+# UNet's 3x3 "same" conv (even and odd sizes; widening and narrowing, whose
+# wide layers' kernel gradients take different forms), 1x1 convs, the Swin
+# patch embedding, asymmetric padding, and a case that falls back to XLA
+# (stride 2).
 CASES = [(3, 1, ((1, 1), (1, 1)), 5, 7, 12),
          (3, 1, ((1, 1), (1, 1)), 4, 6, 9),
+         (3, 1, ((1, 1), (1, 1)), 7, 5, 12),
+         (3, 1, ((0, 2), (2, 0)), 6, 4, 8),
          (1, 1, ((0, 0), (0, 0)), 5, 3, 12),
          (4, 4, ((0, 0), (0, 0)), 3, 8, 16),
          (3, 2, ((1, 1), (1, 1)), 4, 6, 10),

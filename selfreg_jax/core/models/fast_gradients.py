@@ -6,7 +6,8 @@ the items of benchmarks/NOTES.md that measure them:
 
 - Kernel gradient of a stride-1 convolution as matrix products of shifted
   input windows with the output gradient, in a loop over bands of output
-  rows for narrow layers (`conv_general_dilated`, in `Conv`). XLA:CPU only,
+  rows for narrow layers, or of the input with shifted output gradients for
+  wide layers that narrow (`conv_general_dilated`, in `Conv`). XLA:CPU only,
   selected by `lax.platform_dependent`; elsewhere XLA's own gradient (cuDNN's
   is fast). XLA:CPU lowers the kernel gradient of a 3x3 "same" convolution to
   a convolution with an image-sized window on a slow generic path (items 2-4,
@@ -132,8 +133,11 @@ def _matmul_gradients(padding, precision, lhs, rhs, grad_out,
   and each of its kh row offsets is one product per image with the band's
   output gradient, (rows * W', O)^T x (rows * W', kw * C). The sums stay per
   image until after the loop, so that with the batch sharded over devices
-  nothing is communicated in it. Wider layers take kh * kw whole-batch
-  products (B * H' * W', C)^T x (B * H' * W', O) of shifted windows.
+  nothing is communicated in it. Wider layers take whole-batch products:
+  with more input than output channels one product of the padded input with
+  the output gradient shifted to the kh * kw offsets (B * H'' * W'', C)^T x
+  (B * H'' * W'', kh * kw * O); otherwise kh * kw products (B * H' * W',
+  C)^T x (B * H' * W', O) of shifted input windows.
   """
   kh, kw, channels, out = rhs.shape
   flipped = jnp.flip(rhs, (0, 1)).swapaxes(2, 3)
@@ -145,6 +149,9 @@ def _matmul_gradients(padding, precision, lhs, rhs, grad_out,
   if rhs.size <= banded_kernel_elements:
     grad_rhs = _banded_kernel_gradient(padded, grad_out, kh, kw, precision,
                                        band_elements)
+  elif channels > out:
+    grad_rhs = _shifted_gradient_kernel_gradient(padded, grad_out, kh, kw,
+                                                 precision)
   else:
     grad_rhs = _whole_kernel_gradient(padded, grad_out, kh, kw, precision)
   return grad_lhs, grad_rhs.astype(rhs.dtype)
@@ -160,6 +167,25 @@ def _whole_kernel_gradient(padded, grad_out, kh, kw, precision):
           flat_grad, (((0,), (0,)), ((), ())), precision=precision,
           preferred_element_type=jnp.float32)
       for j in range(kw)]) for i in range(kh)])
+
+
+def _shifted_gradient_kernel_gradient(padded, grad_out, kh, kw, precision):
+  """(kh, kw, C, O) from one whole-batch product, fp32: the padded input
+  (B * H'', W'', C) as it lies, times the output gradient placed at each of
+  the kh * kw offsets of the padded grid, side by side (B * H'' * W'',
+  kh * kw * O). It copies the O-channel gradient where the windows' form
+  copies the C-channel input, so it is the cheaper one when C > O."""
+  _, height, width, channels = padded.shape
+  _, out_h, out_w, out = grad_out.shape
+  shifts = jnp.concatenate([
+      jnp.pad(grad_out, ((0, 0), (i, height - out_h - i),
+                         (j, width - out_w - j), (0, 0)))
+      for i in range(kh) for j in range(kw)], -1)
+  product = lax.dot_general(
+      padded.reshape(-1, channels), shifts.reshape(-1, kh * kw * out),
+      (((0,), (0,)), ((), ())), precision=precision,
+      preferred_element_type=jnp.float32)
+  return product.reshape(channels, kh, kw, out).transpose(1, 2, 0, 3)
 
 
 def _banded_kernel_gradient(padded, grad_out, kh, kw, precision,
