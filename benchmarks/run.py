@@ -166,6 +166,6 @@ def _save(results: dict[str, Any], path: pathlib.Path, start: float) -> None:
 
 
 if __name__ == '__main__':
-  # Time what `main.py` runs: smaller XLA:CPU buffers on huge pages.
+  # Time what `main.py` runs: smaller XLA:CPU buffers, reused between steps.
   runtime.prepare_process()
   main()

@@ -1,5 +1,5 @@
 """The entry points' process setup (selfreg_jax.common.runtime): XLA:CPU's
-memory-minimising schedule, the restart with glibc's huge-page tunable, and
+memory-minimising schedule, the restart with glibc's malloc tunables, and
 JAX's random-number scheme, set by the entry points and not by importing."""
 
 import os
@@ -18,7 +18,7 @@ SCRIPT = '''
 import os, sys
 print('start', os.getpid(), flush=True)
 from selfreg_jax.common import runtime
-runtime.restart_with_huge_pages()
+runtime.restart_with_malloc_tunables()
 print('tunables', os.environ.get('GLIBC_TUNABLES'), os.getpid())
 '''
 
@@ -37,12 +37,12 @@ def _glibc_with_tunable() -> bool:
   return version is not None and version >= runtime.MIN_GLIBC
 
 
-def test_restarts_once_in_place_with_the_tunable():
+def test_restarts_once_in_place_with_the_tunables():
   lines = _run()
   pid = lines[0].split()[1]
   if _glibc_with_tunable():
     assert lines[:3] == [f'start {pid}', f'start {pid}',
-                         f'tunables {runtime.HUGE_PAGES_TUNABLE} {pid}']
+                         f'tunables {runtime.MALLOC_TUNABLES} {pid}']
   else:
     assert lines[:2] == [f'start {pid}', f'tunables None {pid}']
 
@@ -52,6 +52,44 @@ def test_tunables_set_by_the_user_are_kept_and_nothing_restarts():
     lines = _run(GLIBC_TUNABLES=tunables)
     pid = lines[0].split()[1]
     assert lines[:2] == [f'start {pid}', f'tunables {tunables} {pid}']
+
+
+# Page faults of a second array of ARRAY_BYTES written after the first is freed:
+# what a step pays when it maps fresh memory for its temporary buffer.
+ARRAY_BYTES = 2 ** 28
+REUSE_SCRIPT = f'''
+import resource
+import numpy as np
+from selfreg_jax.common import runtime
+runtime.restart_with_malloc_tunables()
+
+def faults_writing_a_fresh_array():
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  np.ones({ARRAY_BYTES} // 8)
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults_writing_a_fresh_array()
+print('faults', faults_writing_a_fresh_array())
+'''
+
+
+def _second_array_faults(**env_changes) -> int:
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  env.update(env_changes, PYTHONPATH=str(ROOT))
+  result = subprocess.run([sys.executable, '-c', REUSE_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=60,
+                          check=True)
+  return int(result.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not _glibc_with_tunable(),
+                    reason='the tunables are set on glibc >= 2.35 only')
+def test_the_tunables_hand_freed_memory_to_the_next_block():
+  """With glibc's defaults a freed 256 MiB block goes back to the kernel and
+  the next one is faulted in afresh; with the tunables malloc reuses it."""
+  with_defaults = _second_array_faults(GLIBC_TUNABLES='')
+  with_tunables = _second_array_faults()
+  assert with_tunables * 10 < with_defaults, (with_tunables, with_defaults)
 
 
 # The tiny UNet's train step at 64 px, batch 8: the size at which XLA:CPU's two

@@ -11,11 +11,15 @@ nothing. The measurements behind each setting are in benchmarks/NOTES.md.
   buffer about 3x smaller, and the step faster. Added only where no GPU or TPU
   plugin of JAX is installed, and not where XLA_FLAGS already names the
   option. XLA reads XLA_FLAGS when JAX starts its backends.
-- glibc's `glibc.malloc.hugetlb=1` tunable (NOTES item 11): malloc then asks
-  for transparent huge pages for those buffers, so the kernel faults in and
-  zeroes 2 MiB pages instead of 4 KiB ones every step. glibc reads tunables
-  only at process start, so the process restarts itself once with it. Set
-  GLIBC_TUNABLES yourself (even to '') to keep the process as started.
+- glibc's malloc tunables (MALLOC_TUNABLES; NOTES items 11, 17, 30, 35):
+  huge pages (`hugetlb=1`), one arena, no block of its own mapping and no
+  trimming, so that malloc keeps the memory a step frees and hands it to the
+  next step instead of the kernel faulting in and zeroing fresh pages (GBs)
+  every step. The price is memory: the heap keeps its largest extent, which
+  fragmentation makes up to about twice a step's own (NOTES item 35). glibc
+  reads tunables only at process start, so the process restarts itself once
+  with them. Set GLIBC_TUNABLES yourself (even to '') to keep the process as
+  started; `glibc.malloc.hugetlb=1` alone gives the fresh pages as huge pages.
 - JAX's classic (non-partitionable) threefry random numbers: the partitionable
   scheme makes XLA:CPU compile random-number code about 10x slower (NOTES
   item 25). Our draws are small (initialisation, SCR channel draws,
@@ -33,10 +37,15 @@ import importlib.util
 import os
 import sys
 
-HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
+MALLOC_TUNABLES = ':'.join((
+    'glibc.malloc.hugetlb=1',
+    'glibc.malloc.arena_max=1',
+    'glibc.malloc.mmap_max=0',
+    f'glibc.malloc.trim_threshold={2 ** 62}',
+))
 SCHEDULER_OPTION = 'xla_cpu_enable_concurrency_optimized_scheduler'
 MEMORY_SCHEDULER_FLAG = f'--{SCHEDULER_OPTION}=false'
-# The tunable exists from glibc 2.35 on.
+# The huge-page tunable exists from glibc 2.35 on.
 MIN_GLIBC = (2, 35)
 
 
@@ -50,18 +59,18 @@ def _glibc_version() -> tuple[int, ...] | None:
   return tuple(int(part) for part in name_version.split()[1].split('.')[:2])
 
 
-def restart_with_huge_pages() -> None:
-  """Re-executes this process with glibc's huge-page tunable, if it can help.
+def restart_with_malloc_tunables() -> None:
+  """Re-executes this process with MALLOC_TUNABLES, if they can help.
 
   Returns without restarting when GLIBC_TUNABLES is already set, or when the
-  C library is not glibc >= 2.35 (the tunable would be ignored).
+  C library is not glibc >= 2.35 (the huge-page tunable would be ignored).
   """
   if 'GLIBC_TUNABLES' in os.environ:
     return
   version = _glibc_version()
   if version is None or version < MIN_GLIBC:
     return
-  os.environ['GLIBC_TUNABLES'] = HUGE_PAGES_TUNABLE
+  os.environ['GLIBC_TUNABLES'] = MALLOC_TUNABLES
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
@@ -100,5 +109,5 @@ def configure_libraries() -> None:
 def prepare_process() -> None:
   """Every setting of this module: what the entry points call first."""
   schedule_for_memory()
-  restart_with_huge_pages()
+  restart_with_malloc_tunables()
   configure_libraries()
