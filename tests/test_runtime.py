@@ -23,10 +23,11 @@ print('tunables', os.environ.get('GLIBC_TUNABLES'), os.getpid())
 '''
 
 
-def _run(**env_changes) -> list[str]:
+def _run(script: str = SCRIPT, **env_changes) -> list[str]:
+  """The lines `script` prints, run without our GLIBC_TUNABLES."""
   env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
   env.update(env_changes, PYTHONPATH=str(ROOT))
-  result = subprocess.run([sys.executable, '-c', SCRIPT], env=env,
+  result = subprocess.run([sys.executable, '-c', script], env=env,
                           capture_output=True, text=True, timeout=60,
                           check=True)
   return result.stdout.split('\n')
@@ -74,12 +75,7 @@ print('faults', faults_writing_a_fresh_array())
 
 
 def _second_array_faults(**env_changes) -> int:
-  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
-  env.update(env_changes, PYTHONPATH=str(ROOT))
-  result = subprocess.run([sys.executable, '-c', REUSE_SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=60,
-                          check=True)
-  return int(result.stdout.split()[-1])
+  return int(' '.join(_run(REUSE_SCRIPT, **env_changes)).split()[-1])
 
 
 @pytest.mark.skipif(not _glibc_with_tunable(),

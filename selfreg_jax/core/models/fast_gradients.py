@@ -171,7 +171,7 @@ def _whole_kernel_gradient(padded, grad_out, kh, kw, precision):
 
 def _shifted_gradient_kernel_gradient(padded, grad_out, kh, kw, precision):
   """(kh, kw, C, O) from one whole-batch product, fp32: the padded input
-  (B * H'', W'', C) as it lies, times the output gradient placed at each of
+  (B * H'' * W'', C) as it lies, times the output gradient placed at each of
   the kh * kw offsets of the padded grid, side by side (B * H'' * W'',
   kh * kw * O). It copies the O-channel gradient where the windows' form
   copies the C-channel input, so it is the cheaper one when C > O."""
